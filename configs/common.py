@@ -1,0 +1,78 @@
+"""Shared defaults for every training config.
+
+Each experiment config starts from `get_config()` here, overrides what its recipe
+needs, and returns a locked ConfigDict: an unknown key (a typo such as
+`--config.batchsize=64`) is an error, not a silently ignored setting.
+
+Durations: set `total_steps`, or `total_epochs` (then total_steps is derived from the
+train split size and the batch size). `warmup_steps` may also be given as
+`warmup_epochs`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the defaults every training config shares."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Model: `model.name` picks a registered variant (vit_jax.models); every other key
+  # under `model` overrides a field of that variant (e.g. dropout_rate, classifier).
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'ViT-Ti_16'
+  config.pretrained_path = ''      # '' = train from scratch.
+
+  # Data. `dataset` is a TFDS name ('cifar10', 'fashion_mnist', 'digits') or
+  # 'folder:/path/to/root' for an image folder (root/<split>/<class>/*.jpg).
+  config.dataset = 'fashion_mnist'
+  config.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.train_split = 'train'
+  config.eval_splits = 'test'      # Comma-separated list; each is evaluated in full.
+  config.image_size = 224          # Model input resolution (square).
+  config.channels = 3              # Grayscale data is repeated to 3 channels unless 1.
+  config.shuffle_buffer = 50_000
+  config.cache = True              # Cache decoded examples in memory (small datasets).
+  config.prefetch = 2
+  config.pp = ml_collections.ConfigDict()
+  config.pp.train_crop = 'inception'   # 'inception' | 'random' | 'resize'
+  config.pp.area_min = 0.05            # Inception crop: smallest area fraction.
+  config.pp.flip = True
+  config.pp.eval_crop_fraction = 1.0   # < 1: resize to size/fraction, central crop.
+
+  # Optimisation.
+  config.batch_size = 512          # Global batch, across all devices and hosts.
+  config.accum_steps = 1           # Micro-batches per step (gradient accumulation).
+  config.total_steps = ml_collections.FieldReference(None, field_type=int)
+  config.total_epochs = ml_collections.FieldReference(None, field_type=float)
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = 'sgd'        # 'sgd' | 'adam' | 'adamw'
+  config.optim.momentum = 0.9      # sgd
+  config.optim.nesterov = False    # sgd
+  config.optim.accumulator_dtype = 'float32'  # sgd momentum dtype ('bfloat16' saves memory)
+  config.optim.b1 = 0.9            # adam/adamw
+  config.optim.b2 = 0.999          # adam/adamw
+  config.optim.eps = 1e-8          # adam/adamw
+  config.lr = ml_collections.ConfigDict()
+  config.lr.base = 0.03
+  config.lr.schedule = 'cosine'    # 'cosine' | 'linear' | 'rsqrt' | 'constant'
+  config.lr.warmup_steps = 500
+  config.lr.end_value = 0.0        # Value the decay ends at (cosine/linear).
+  config.lr.timescale = 10_000     # rsqrt with warmup_steps=0: lr = base*sqrt(t/(step+t)).
+  config.grad_clip_norm = 1.0      # Global-norm clipping; 0 disables.
+  config.weight_decay = 0.0        # Decoupled; multiplied by the learning rate.
+  config.wd_mask = '.*/kernel$'    # Regex over '/'-joined param paths that decay.
+  config.label_smoothing = 0.0
+
+  # Parallelism.
+  config.parallelism = 'jit'       # 'jit' (sharded jit) | 'shard_map' (explicit pmean)
+
+  # Loop, evaluation, logging, checkpoints.
+  config.log_every = 50
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.eval_batch_size = 256
+  config.peak_flops = ml_collections.FieldReference(None, field_type=float)  # per device; None = auto
+  config.write_plot = True
+  return config

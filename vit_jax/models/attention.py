@@ -1,0 +1,76 @@
+"""Multi-head dot-product attention with the released checkpoints' parameter layout.
+
+The released ViT files store attention as four DenseGeneral projections:
+`query`, `key`, `value` with kernels [hidden, heads, head_dim] and biases
+[heads, head_dim], and `out` with kernel [heads, head_dim, hidden] and bias
+[hidden]. Writing the module here (rather than using flax's) lets us sow the
+attention probabilities for visualisation and pick the attention kernel, while the
+parameter tree stays exactly the released one.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Implementations of the softmax(q k^T / sqrt(d)) v product:
+#   'xla'   : explicit einsum + softmax; can sow the attention probabilities.
+#   'fused' : jax.nn.dot_product_attention (fused kernels where the backend has them).
+ATTENTION_IMPLS = ('xla', 'fused')
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Attention of `inputs_q` over `inputs_kv`, both [batch, tokens, hidden].
+
+  Attributes:
+    num_heads: number of heads; hidden size must be divisible by it.
+    dropout_rate: dropout on the attention probabilities (train only).
+    dtype: compute dtype; parameters stay float32.
+    impl: one of ATTENTION_IMPLS. 'fused' has no attention dropout and does not sow.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *,
+               deterministic: bool) -> jax.Array:
+    hidden = inputs_q.shape[-1]
+    if hidden % self.num_heads:
+      raise ValueError(
+          f'hidden size {hidden} is not divisible by num_heads {self.num_heads}')
+    if self.impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention impl {self.impl!r} not in {ATTENTION_IMPLS}')
+    head_dim = hidden // self.num_heads
+
+    def projection(name: str) -> nn.DenseGeneral:
+      return nn.DenseGeneral(
+          features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
+          kernel_init=nn.initializers.xavier_uniform(), name=name)
+
+    # [batch, tokens, heads, head_dim]
+    query = projection('query')(inputs_q)
+    key = projection('key')(inputs_kv)
+    value = projection('value')(inputs_kv)
+
+    use_dropout = not deterministic and self.dropout_rate > 0.0
+    if self.impl == 'fused' and not use_dropout:
+      out = jax.nn.dot_product_attention(query, key, value)
+    else:
+      scale = 1.0 / jnp.sqrt(head_dim).astype(self.dtype)
+      logits = jnp.einsum('bqhd,bkhd->bhqk', query * scale, key)
+      # Softmax in float32: bf16 logits lose too much in the normaliser.
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      self.sow('intermediates', 'attention_weights', weights)
+      weights = weights.astype(self.dtype)
+      if use_dropout:
+        weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
+      out = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+
+    return nn.DenseGeneral(
+        features=hidden, axis=(-2, -1), dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name='out')(out)

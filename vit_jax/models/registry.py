@@ -1,0 +1,163 @@
+"""Named model variants: official names -> ConfigDict -> flax Module.
+
+Variants are data, the model classes stay generic: `get_model_config('ViT-B_16')`
+gives the paper's hyperparameters and `create_model` turns any such config (plus
+overrides such as `classifier='gap'` or `dtype='bfloat16'`) into a Module.
+"""
+
+import difflib
+from typing import Any, Callable, Optional, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from vit_jax.models.mixer import MlpMixer
+from vit_jax.models.resnet import stem_stride
+from vit_jax.models.vit import VisionTransformer
+
+_REGISTRY: dict[str, Callable[[], ml_collections.ConfigDict]] = {}
+
+# ViT sizes (paper Table 1, plus Ti and S from DeiT/AugReg):
+#   name: (hidden_size, num_layers, num_heads, mlp_dim)
+_VIT_SIZES = {
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+    'H': (1280, 32, 16, 5120),
+    'test': (32, 2, 2, 64),  # Tiny model for tests and the CPU quickstart.
+}
+_VIT_PATCHES = {'Ti': (16,), 'S': (16, 32), 'B': (8, 16, 32), 'L': (16, 32),
+                'H': (14,), 'test': (4,)}
+# Hybrids: name -> (ViT size, patch of the ViT it is built from, ResNet stages).
+_HYBRIDS = {
+    'R50+ViT-B_16': ('B', 16, (3, 4, 9)),
+    'R26+ViT-S_32': ('S', 32, (2, 2, 2, 2)),
+    'R26+ViT-B_32': ('B', 32, (2, 2, 2, 2)),
+    'R50+ViT-L_32': ('L', 32, (3, 4, 6, 3)),
+    'R-test+ViT-test': ('test', 4, (1,)),
+}
+# Mixer: size -> (hidden_size, num_layers, tokens_mlp_dim, channels_mlp_dim).
+_MIXER_SIZES = {'B': (768, 12, 384, 3072), 'L': (1024, 24, 512, 4096),
+                'test': (32, 2, 16, 64)}
+_MIXER_PATCHES = {'B': (16, 32), 'L': (16, 32), 'test': (4,)}
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _register(name: str, make: Callable[[], ml_collections.ConfigDict]) -> None:
+  _REGISTRY[name] = make
+
+
+def _vit_config(name: str, size: str, patch: int, **extra) -> ml_collections.ConfigDict:
+  hidden, layers, heads, mlp = _VIT_SIZES[size]
+  config = ml_collections.ConfigDict(dict(
+      name=name, model_type='vit', patch_size=(patch, patch), hidden_size=hidden,
+      num_layers=layers, num_heads=heads, mlp_dim=mlp, dropout_rate=0.0,
+      attention_dropout_rate=0.0, stochastic_depth=0.0, classifier='token',
+      posemb='learn', head_bias_init=0.0, dtype='float32', attention_impl='xla'))
+  # None-valued fields must exist before overrides can set them.
+  config.representation_size = None
+  config.resnet = None
+  config.update(extra)
+  return config
+
+
+def _mixer_config(name: str, size: str, patch: int) -> ml_collections.ConfigDict:
+  hidden, layers, tokens, channels = _MIXER_SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      name=name, model_type='mixer', patch_size=(patch, patch), hidden_size=hidden,
+      num_layers=layers, tokens_mlp_dim=tokens, channels_mlp_dim=channels,
+      dtype='float32'))
+
+
+def _register_all() -> None:
+  for size, patches in _VIT_PATCHES.items():
+    for patch in patches:
+      name = f'ViT-{size}_{patch}'
+      _register(name, lambda n=name, s=size, p=patch: _vit_config(n, s, p))
+      _register(f'{name}-gap', lambda n=name, s=size, p=patch: _vit_config(
+          f'{n}-gap', s, p, classifier='gap'))
+  for name, (size, patch, stages) in _HYBRIDS.items():
+    _register(name, lambda n=name, s=size, p=patch, st=stages: _vit_config(
+        n, s, p, patch_size=(1, 1),
+        resnet=ml_collections.ConfigDict(dict(num_layers=st, width_factor=1))))
+  for size, patches in _MIXER_PATCHES.items():
+    for patch in patches:
+      name = f'Mixer-{size}_{patch}'
+      _register(name, lambda n=name, s=size, p=patch: _mixer_config(n, s, p))
+
+
+_register_all()
+
+
+def list_models() -> list[str]:
+  """All registered model names."""
+  return sorted(_REGISTRY)
+
+
+def get_model_config(name: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of a registered variant (a fresh copy, safe to modify)."""
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(name, _REGISTRY, n=3)
+    hint = f' Did you mean {close}?' if close else ''
+    raise ValueError(f'Unknown model {name!r}.{hint} Valid names: {list_models()}')
+  return _REGISTRY[name]()
+
+
+def _resolve(name_or_config: Union[str, ml_collections.ConfigDict],
+             overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Registered config (or a copy of the given one) with overrides applied."""
+  if isinstance(name_or_config, str):
+    config = get_model_config(name_or_config)
+  else:
+    config = ml_collections.ConfigDict(name_or_config)
+    if 'model_type' not in config:  # A training config's `model`: name + overrides.
+      base = get_model_config(config.name)
+      base.update({k: v for k, v in config.items() if k != 'name'})
+      config = base
+  unknown = sorted(set(overrides) - set(config))
+  if unknown:
+    raise ValueError(f'Unknown model override(s) {unknown} for {config.name}; '
+                     f'valid: {sorted(config)}')
+  config.update(overrides)
+  return config
+
+
+def create_model(name_or_config: Union[str, ml_collections.ConfigDict],
+                 num_classes: Optional[int], **overrides: Any) -> nn.Module:
+  """Builds the flax Module for a registered name or a model ConfigDict.
+
+  Args:
+    name_or_config: a registered name ('ViT-B_16'), a registry ConfigDict, or a
+      training config's `model` section (`name` plus override keys).
+    num_classes: size of the zero-initialised `head`; None returns features.
+    **overrides: fields to change, e.g. `classifier='gap'`, `dtype='bfloat16'`.
+  """
+  config = _resolve(name_or_config, overrides)
+  if config.dtype not in _DTYPES:
+    raise ValueError(f'dtype {config.dtype!r} not in {sorted(_DTYPES)}')
+  kwargs = {k: v for k, v in config.items() if k not in ('name', 'model_type')}
+  kwargs['dtype'] = _DTYPES[config.dtype]
+  kwargs['patch_size'] = tuple(config.patch_size)
+  if config.model_type == 'mixer':
+    return MlpMixer(num_classes=num_classes, **kwargs)
+  if kwargs['resnet'] is not None:
+    kwargs['resnet'] = dict(num_layers=tuple(config.resnet.num_layers),
+                            width_factor=config.resnet.width_factor)
+  return VisionTransformer(num_classes=num_classes, **kwargs)
+
+
+def check_image_size(name_or_config: Union[str, ml_collections.ConfigDict],
+                     image_size: int) -> None:
+  """Raises ValueError, before any compile, if the model cannot take `image_size`."""
+  config = _resolve(name_or_config, {})
+  stride = 1
+  if config.get('resnet') is not None:
+    stride = stem_stride(config.resnet.num_layers)
+  ph, pw = config.patch_size
+  if image_size % (stride * ph) or image_size % (stride * pw):
+    what = f'patch size {ph}x{pw}' + (f' times stem stride {stride}' if stride > 1 else '')
+    raise ValueError(f'image size {image_size} is not divisible by the {what} of '
+                     f'{config.name}; use a multiple of {stride * max(ph, pw)}')

@@ -1,0 +1,93 @@
+"""ResNet (v2-style BiT units) stem for the hybrid R50+ViT / R26+ViT models.
+
+Convolutions are weight-standardised (eps 1e-5) and followed by GroupNorm with 32
+groups (eps 1e-6), as in BiT; names follow the released hybrid checkpoints:
+`conv_root`, `gn_root`, `block{n}/unit{m}/{conv1,conv2,conv3,conv_proj}`,
+`block{n}/unit{m}/{gn1,gn2,gn3,gn_proj}`.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class StdConv(nn.Conv):
+  """Conv whose kernel is standardised over its (h, w, in) axes before use."""
+
+  def param(self, name: str, *args, **kwargs):
+    value = super().param(name, *args, **kwargs)
+    if name == 'kernel':
+      mean = jnp.mean(value, axis=(0, 1, 2), keepdims=True)
+      var = jnp.var(value, axis=(0, 1, 2), keepdims=True)
+      value = (value - mean) / jnp.sqrt(var + 1e-5)
+    return value
+
+
+class ResidualUnit(nn.Module):
+  """Bottleneck unit: 1x1 -> 3x3 (strided) -> 1x1 (x4), with a projection shortcut."""
+  features: int
+  strides: tuple[int, int] = (1, 1)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = lambda features, kernel, strides=(1, 1), name=None: StdConv(
+        features, kernel, strides, use_bias=False, dtype=self.dtype, name=name)
+    norm = lambda name, **kw: nn.GroupNorm(
+        num_groups=32, epsilon=1e-6, dtype=self.dtype, name=name, **kw)
+
+    residual = x
+    if x.shape[-1] != self.features * 4 or self.strides != (1, 1):
+      residual = conv(self.features * 4, (1, 1), self.strides, 'conv_proj')(x)
+      residual = norm('gn_proj')(residual)
+
+    y = nn.relu(norm('gn1')(conv(self.features, (1, 1), name='conv1')(x)))
+    y = nn.relu(norm('gn2')(conv(self.features, (3, 3), self.strides, 'conv2')(y)))
+    y = conv(self.features * 4, (1, 1), name='conv3')(y)
+    # Zero-initialised last norm: every unit starts as the identity.
+    y = norm('gn3', scale_init=nn.initializers.zeros)(y)
+    return nn.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+  """`block_size` residual units; the first one carries the stage's stride."""
+  block_size: int
+  features: int
+  first_stride: tuple[int, int]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = ResidualUnit(self.features, self.first_stride, self.dtype, name='unit1')(x)
+    for i in range(1, self.block_size):
+      x = ResidualUnit(self.features, (1, 1), self.dtype, name=f'unit{i + 1}')(x)
+    return x
+
+
+def resnet_stem(x: jax.Array, num_layers: Sequence[int], width_factor: float = 1,
+                dtype: Dtype = jnp.float32) -> jax.Array:
+  """Root conv (7x7/2) + max-pool (3x3/2) + stages; stride 4 * 2**(stages - 1).
+
+  A function, not a Module: called inside the ViT's compact `__call__`, its
+  submodules attach to the ViT itself, so their parameters sit at the top level of
+  the tree (`conv_root`, `block1`, ...) exactly as in the released hybrid files.
+  """
+  width = int(64 * width_factor)
+  x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=dtype,
+              name='conv_root')(x)
+  x = nn.relu(nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype,
+                           name='gn_root')(x))
+  x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+  for i, block_size in enumerate(num_layers):
+    x = ResNetStage(block_size, width * 2**i, (1, 1) if i == 0 else (2, 2),
+                    dtype, name=f'block{i + 1}')(x)
+  return x
+
+
+def stem_stride(num_layers: Sequence[int]) -> int:
+  """Total downsampling of ResNetStem with `len(num_layers)` stages."""
+  return 4 * 2**(len(num_layers) - 1) if num_layers else 4

@@ -1,0 +1,246 @@
+"""The Vision Transformer (Dosovitskiy et al., 2021) and its pooling heads.
+
+Module names are the released checkpoints' names, so the parameter tree *is* the
+file format: `embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
+`Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1,
+LayerNorm_2, MlpBlock_3}`, `Transformer/encoder_norm`, `pre_logits`, `head`.
+Numerics follow the reference: pre-LayerNorm blocks with eps 1e-6, tanh-GELU,
+attention scale 1/sqrt(head_dim), zero-initialised `cls` and `head` kernel.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models.attention import MultiHeadDotProductAttention
+from vit_jax.models.resnet import resnet_stem
+
+Dtype = Any
+
+CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
+POSEMBS = ('learn', 'sincos2d')
+
+
+def posemb_sincos_2d(height: int, width: int, dim: int,
+                     temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding, [1, height * width, dim].
+
+  A quarter of the channels each encode sin/cos of the column and of the row
+  index at geometrically spaced frequencies (as in "Better plain ViT baselines").
+  """
+  if dim % 4:
+    raise ValueError(f'sincos2d posemb needs hidden size divisible by 4, got {dim}')
+  rows, cols = np.mgrid[:height, :width]
+  omega = np.arange(dim // 4) / max(dim // 4 - 1, 1)
+  omega = 1.0 / temperature**omega
+  rows = np.einsum('m,d->md', rows.reshape(-1), omega)
+  cols = np.einsum('m,d->md', cols.reshape(-1), omega)
+  pe = np.concatenate([np.sin(cols), np.cos(cols), np.sin(rows), np.cos(rows)], 1)
+  return pe[None].astype(np.float32)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding `pos_embedding` [1, tokens, hidden]."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    posemb = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                        (1, x.shape[1], x.shape[2]))
+    return x + posemb.astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> tanh-GELU -> dropout -> Dense -> dropout; output width = input width."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    dense = lambda features: nn.Dense(
+        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    y = nn.gelu(dense(self.mlp_dim)(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(x.shape[-1])(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a whole residual branch per example during training."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(inputs)
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
+        dtype=self.dtype, impl=self.attention_impl,
+        name='MultiHeadDotProductAttention_1')(x, x, deterministic=deterministic)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = DropPath(self.drop_path_rate)(x, deterministic=deterministic) + inputs
+
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype,
+                 name='MlpBlock_3')(y, deterministic=deterministic)
+    return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  """Position embedding, dropout, `num_layers` blocks and the final `encoder_norm`.
+
+  Stochastic depth grows linearly with depth, from 0 at the first block to
+  `stochastic_depth` at the last.
+  """
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  posemb: str = 'learn'
+  dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, grid: tuple[int, int], num_prefix: int,
+               deterministic: bool) -> jax.Array:
+    """x: [batch, num_prefix + grid_h * grid_w, hidden] -> same shape."""
+    if self.posemb == 'learn':
+      x = AddPositionEmbs(name='posembed_input')(x)
+    elif self.posemb == 'sincos2d':
+      pe = posemb_sincos_2d(*grid, x.shape[-1])
+      pe = np.pad(pe, ((0, 0), (num_prefix, 0), (0, 0)))  # prefix tokens get none
+      x = x + jnp.asarray(pe, x.dtype)
+    else:
+      raise ValueError(f'posemb {self.posemb!r} not in {POSEMBS}')
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+    for i in range(self.num_layers):
+      drop_path = self.stochastic_depth * i / max(self.num_layers - 1, 1)
+      x = Encoder1DBlock(
+          mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+          dropout_rate=self.dropout_rate,
+          attention_dropout_rate=self.attention_dropout_rate,
+          drop_path_rate=drop_path, dtype=self.dtype,
+          attention_impl=self.attention_impl,
+          name=f'encoderblock_{i}')(x, deterministic=deterministic)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned `probe` token attends over all tokens."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [batch, tokens, hidden] -> [batch, hidden]."""
+    probe = self.param('probe', nn.initializers.xavier_uniform(),
+                       (1, 1, x.shape[-1]))
+    probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        name='MultiHeadDotProductAttention_0')(probe, x, deterministic=True)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype,
+                     name='MlpBlock_0')(y, deterministic=True)
+    return x[:, 0]
+
+
+class VisionTransformer(nn.Module):
+  """ViT: patch embedding -> [cls +] tokens -> Encoder -> pooling -> head.
+
+  Input images are NHWC in [-1, 1]. Output: logits [batch, num_classes] (float32),
+  or pooled features when `num_classes` is None; per-token outputs for the
+  `unpooled` classifiers.
+  """
+  num_classes: Optional[int]
+  patch_size: Sequence[int]
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  classifier: str = 'token'
+  representation_size: Optional[int] = None
+  posemb: str = 'learn'
+  head_bias_init: float = 0.0
+  resnet: Optional[Any] = None       # resnet_stem kwargs: num_layers, width_factor.
+  dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'classifier {self.classifier!r} not in {CLASSIFIERS}')
+    x = images.astype(self.dtype)
+    if self.resnet is not None:
+      x = resnet_stem(x, **dict(self.resnet), dtype=self.dtype)
+    ph, pw = self.patch_size
+    if x.shape[1] % ph or x.shape[2] % pw:
+      raise ValueError(
+          f'image size {images.shape[1:3]} is not divisible by the patch size '
+          f'{tuple(self.patch_size)} (after a stem stride of '
+          f'{images.shape[1] // x.shape[1]})')
+    x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID',
+                dtype=self.dtype, name='embedding')(x)
+    batch, gh, gw, hidden = x.shape
+    x = x.reshape(batch, gh * gw, hidden)
+
+    num_prefix = 0
+    if self.classifier in ('token', 'token_unpooled'):
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, hidden))
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], 1)
+      num_prefix = 1
+
+    x = Encoder(
+        num_layers=self.num_layers, mlp_dim=self.mlp_dim,
+        num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        stochastic_depth=self.stochastic_depth, posemb=self.posemb,
+        dtype=self.dtype, attention_impl=self.attention_impl,
+        name='Transformer')(x, grid=(gh, gw), num_prefix=num_prefix,
+                            deterministic=not train)
+
+    if self.classifier == 'token':
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=1)
+    elif self.classifier == 'map':
+      x = MAPHead(self.num_heads, self.mlp_dim, self.dtype, name='MAPHead_0')(x)
+
+    if self.representation_size is not None:
+      x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
+                           name='pre_logits')(x))
+    if self.num_classes is not None:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+                   kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.constant(self.head_bias_init))(x)
+    return x.astype(jnp.float32)
