@@ -1,0 +1,304 @@
+"""Reads and writes the released `.npz` checkpoint format.
+
+A released ViT/Mixer checkpoint is `np.savez` of the params tree flattened to
+'/'-joined names (`Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`). This
+project's modules use those names, so a params tree and a released file map
+one to one. `load_npz` also reads Linen-layout and big_vision files, converting
+their names (see `npz_layouts.convert_to_released_layout`). `load_pretrained`
+turns a pre-training checkpoint into fine-tuning params for a new task.
+
+All paths go through `etils.epath`, so `gs://` works wherever TF's gfile does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.npz_layouts import BLOCK_RE
+from vit_jax.npz_layouts import POSEMB_KEY
+from vit_jax.npz_layouts import Params
+from vit_jax.npz_layouts import convert_to_released_layout
+from vit_jax.npz_layouts import flatten_params
+from vit_jax.npz_layouts import unflatten_params
+from vit_jax.posemb_resize import resize_posemb
+
+__all__ = [
+    'LoadReport', 'convert_to_released_layout', 'flatten_params',
+    'load_npz', 'load_pretrained', 'resize_posemb', 'save_npz',
+    'unflatten_params',
+]
+
+# Top-level modules that belong to the task, not to the pre-trained backbone.
+_TASK_MODULES = ('head', 'pre_logits')
+
+
+# ---------------------------------------------------------------- file I/O
+
+
+def save_npz(path: str | epath.PathLike, params: Mapping[str, Any]) -> None:
+  """Writes `params` (our names = released names) as a released `.npz`.
+
+  The file is written under a temporary name in the same directory and then
+  renamed over `path`, so an existing checkpoint is never left half-written.
+  bfloat16 and other non-numpy float types are stored as float32 (numpy cannot
+  read them back from an .npz); numpy dtypes are kept as they are.
+  """
+  if set(params) == {'params'}:
+    raise ValueError("Pass variables['params'], not the whole variables dict.")
+  flat = {k: _numpy_dtype(k, v) for k, v in flatten_params(params).items()}
+  if not flat:
+    raise ValueError(f'Refusing to write {path}: params tree has no arrays.')
+  path = epath.Path(path)
+  tmp = path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex}'
+  try:
+    with tmp.open('wb') as f:
+      np.savez(f, allow_pickle=False, **flat)
+    tmp.replace(path)
+  except BaseException:
+    try:
+      if tmp.exists():
+        tmp.unlink()
+    except Exception:  # pylint: disable=broad-except
+      logging.warning('Could not remove temporary file %s', tmp)
+    raise
+
+
+def _numpy_dtype(name: str, value: np.ndarray) -> np.ndarray:
+  if value.dtype.kind != 'V':
+    if value.dtype.kind == 'O':
+      raise ValueError(f'{name}: object arrays cannot be saved.')
+    return value
+  if jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16, float8, ...
+    return value.astype(np.float32)
+  raise ValueError(f'{name}: dtype {value.dtype} has no numpy equivalent.')
+
+
+def load_npz(path: str | epath.PathLike) -> Params:
+  """Loads a released, Linen or big_vision `.npz` as a params tree in our names.
+
+  Returns:
+    Nested dicts of numpy arrays, e.g. `tree['Transformer']['encoderblock_0']
+    ['MlpBlock_3']['Dense_0']['kernel']` of shape [D, M].
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: `path` is not a readable .npz archive (wrong format, truncated,
+      corrupt, pickled objects) or mixes layouts.
+  """
+  return unflatten_params(convert_to_released_layout(_read_npz(path)))
+
+
+def _read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'No checkpoint file at {path}')
+  if path.is_dir():
+    raise ValueError(f'{path} is a directory, not an .npz file (an Orbax '
+                     'checkpoint directory is read with load_params).')
+  with path.open('rb') as f:
+    magic = f.read(6)
+    f.seek(0)
+    if not magic.startswith(b'PK'):  # Every .npz is a zip archive.
+      raise ValueError(f'{path} is not an .npz checkpoint: {_what_is(magic)}.')
+    try:
+      with np.load(f, allow_pickle=False) as npz:
+        flat = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile,
+            zlib.error) as e:
+      raise ValueError(
+          f'{path} could not be read as an .npz checkpoint; it may be '
+          f'truncated or corrupt ({type(e).__name__}: {e}).') from e
+  if not flat:
+    raise ValueError(f'{path} is an empty .npz archive (no arrays).')
+  return flat
+
+
+def _what_is(magic: bytes) -> str:
+  if not magic:
+    return 'the file is empty'
+  if magic.startswith(b'\x93NUMPY'):
+    return 'it is a single .npy array, not an .npz archive of named arrays'
+  return f'it does not start with the zip signature (first bytes {magic!r})'
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What `load_pretrained` did with each tensor name.
+
+  Attributes:
+    loaded: taken from the checkpoint as is.
+    resized: taken from the checkpoint and resized: name -> (file, new) shape.
+    reinitialised: kept from `init_params` (the task head, a fresh pre_logits).
+    left_out: in the checkpoint but not used (its head, a dropped pre_logits).
+  """
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = (
+      dataclasses.field(default_factory=dict))
+  reinitialised: list[str] = dataclasses.field(default_factory=list)
+  left_out: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    resized = ', '.join(f'{k} {a}->{b}' for k, (a, b) in self.resized.items())
+    return (f'{len(self.loaded) + len(self.resized)} tensors loaded; '
+            f'resized: [{resized}]; re-initialised: {self.reinitialised}; '
+            f'left out: {self.left_out}')
+
+
+def load_pretrained(
+    path: str | epath.PathLike,
+    init_params: Mapping[str, Any],
+    *,
+    keep_pre_logits: bool | None = None,
+    posemb_method: str = 'linear',
+    posemb_grid: tuple[int, int] | None = None,
+    ckpt_posemb_grid: tuple[int, int] | None = None,
+    log: Callable[[str], Any] = logging.info,
+) -> tuple[Params, LoadReport]:
+  """Builds fine-tuning params: the checkpoint's backbone, the model's head.
+
+  Args:
+    path: released, Linen or big_vision `.npz` file.
+    init_params: freshly initialised params of the model to fine-tune (concrete
+      arrays: head and re-initialised pre_logits values are taken from here).
+    keep_pre_logits: None (default) keeps the checkpoint's `pre_logits` if the
+      model has that layer and the file has it (else the model's fresh one);
+      True requires the file to have it; False always uses the fresh one. When
+      the model has no `pre_logits`, the file's is left out.
+    posemb_method: 'linear' (reference) or 'bicubic' (timm); see resize_posemb.
+    posemb_grid: the model's patch grid (h, w) when it is not square.
+    ckpt_posemb_grid: the checkpoint's patch grid when it is not square.
+    log: receives one summary line.
+
+  Returns:
+    (params, report): nested dicts of numpy arrays with init_params' structure
+    and dtypes, and a `LoadReport`.
+
+  Raises:
+    ValueError: the checkpoint misses or adds backbone tensors, or shapes
+      differ; the message lists the names and the likely cause.
+  """
+  if set(init_params) == {'params'}:
+    raise ValueError("Pass variables['params'] as init_params, not the whole "
+                     'variables dict.')
+  init = flatten_params(init_params)
+  ckpt = convert_to_released_layout(_read_npz(path))
+
+  model_has_pre_logits = any(k.startswith('pre_logits/') for k in init)
+  file_has_pre_logits = any(k.startswith('pre_logits/') for k in ckpt)
+  if keep_pre_logits and not model_has_pre_logits:
+    raise ValueError('keep_pre_logits=True but the model has no pre_logits '
+                     'layer (set its representation_size).')
+  if keep_pre_logits and not file_has_pre_logits:
+    raise ValueError(f'keep_pre_logits=True but {path} has no pre_logits.')
+  task_modules = set(_TASK_MODULES)
+  if (model_has_pre_logits and file_has_pre_logits
+      and keep_pre_logits is not False):
+    task_modules.discard('pre_logits')
+  is_task = lambda name: name.split('/', 1)[0] in task_modules
+
+  missing = [k for k in init if not is_task(k) and k not in ckpt]
+  unexpected = [k for k in ckpt if not is_task(k) and k not in init]
+  if missing or unexpected:
+    raise ValueError(_names_message(path, missing, unexpected, ckpt, init))
+
+  report = LoadReport()
+  report.left_out = [k for k in ckpt if is_task(k)]
+  params = {}
+  for name, init_value in init.items():
+    if is_task(name):
+      params[name] = init_value
+      report.reinitialised.append(name)
+      continue
+    value = ckpt[name]
+    grid_given = posemb_grid is not None or ckpt_posemb_grid is not None
+    if (name == POSEMB_KEY and value.ndim == 3
+        and (value.shape != init_value.shape or grid_given)
+        and value.shape[::2] == init_value.shape[::2]):
+      value = resize_posemb(
+          value, posemb_grid or init_value.shape[1],
+          num_prefix_tokens=1 if 'cls' in init_params else 0,
+          method=posemb_method, old_grid=ckpt_posemb_grid)
+    if value is ckpt[name] or np.array_equal(value, ckpt[name]):
+      report.loaded.append(name)
+    else:
+      report.resized[name] = (ckpt[name].shape, value.shape)
+    params[name] = value.astype(init_value.dtype, copy=False)
+
+  mismatched = [k for k in params if params[k].shape != init[k].shape]
+  if mismatched:
+    lines = [f'  {k}: checkpoint {params[k].shape} vs model {init[k].shape}'
+             for k in mismatched]
+    raise ValueError(f'Shapes in {path} do not match the model:\n'
+                     + '\n'.join(_clip(lines)) + _arch_hint(ckpt, init))
+  log(f'Loaded pre-trained params from {path}: {report.summary()}')
+  return unflatten_params(params), report
+
+
+def _names_message(path, missing, unexpected, ckpt, init) -> str:
+  parts = [f'{path} does not match the model.']
+  if missing:
+    parts.append(f'Missing from the checkpoint ({len(missing)}): '
+                 + ', '.join(_clip(missing)))
+  if unexpected:
+    parts.append(f'Unexpected in the checkpoint ({len(unexpected)}): '
+                 + ', '.join(_clip(unexpected)))
+  if ('cls' in ckpt) != ('cls' in init):
+    parts.append("Only one side has a 'cls' token: the checkpoint and model "
+                 "use different pooling (classifier='token' vs gap/map).")
+  if (POSEMB_KEY in ckpt) != (POSEMB_KEY in init):
+    parts.append('Only one side has a learned posemb: the model may use '
+                 "posemb='sincos2d' (no params) while the file has learned "
+                 'ones, or the other way round.')
+  return '\n'.join(parts) + _arch_hint(ckpt, init)
+
+
+def _arch_hint(ckpt: Mapping[str, np.ndarray],
+               init: Mapping[str, np.ndarray]) -> str:
+  """Names the architecture properties that differ, e.g. the hidden size."""
+  a, b = _describe(ckpt), _describe(init)
+  diffs = [f'{prop} {a[prop]} vs {b[prop]}' for prop in a
+           if prop in b and a[prop] != b[prop]]
+  if not diffs:
+    return ''
+  return ('\nThe checkpoint looks like a different architecture '
+          '(checkpoint vs model): ' + ', '.join(diffs) + '.')
+
+
+def _describe(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  props: dict[str, Any] = {}
+  stem = flat.get('embedding/kernel', flat.get('stem/kernel'))
+  if stem is not None and stem.ndim == 4:
+    props['patch size'] = tuple(stem.shape[:2])
+    props['hidden size'] = stem.shape[-1]
+  blocks = {m.group(1) for m in map(BLOCK_RE.match, flat) if m}
+  blocks |= {k.split('/')[0] for k in flat if k.startswith('MixerBlock_')}
+  if blocks:
+    props['layers'] = len(blocks)
+  query = flat.get(
+      'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel')
+  if query is not None and query.ndim == 3:
+    props['heads'] = query.shape[1]
+  mlp = flat.get('Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel')
+  if mlp is not None and mlp.ndim == 2:
+    props['mlp size'] = mlp.shape[1]
+  props['hybrid ResNet stem'] = 'conv_root/kernel' in flat
+  return props
+
+
+def _clip(items: list[str], limit: int = 12) -> list[str]:
+  if len(items) <= limit:
+    return list(items)
+  return list(items[:limit]) + [f'... and {len(items) - limit} more']
