@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.shuffle_buffer = 50_000
   config.cache = True              # Cache decoded examples in memory (small datasets).
   config.prefetch = 2
+  config.skip_bad_images = False   # Image folders: skip unreadable files (warn), not fail.
   config.pp = ml_collections.ConfigDict()
   config.pp.train_crop = 'inception'   # 'inception' | 'random' | 'resize'
   config.pp.area_min = 0.05            # Inception crop: smallest area fraction.

@@ -1,0 +1,381 @@
+"""Training metrics: writers, progress line, throughput and MFU, curves plot.
+
+A run's metrics go to two places: TensorBoard (through clu's writer) for browsing,
+and `workdir/metrics.jsonl` for tools and tests, one JSON object per write:
+
+  {"step": 1200, "train_loss": 0.4123, "learning_rate": 0.001, "img_per_sec": 812.0}
+
+Metric names: train_loss, learning_rate, img_per_sec, mfu (a fraction of the peak,
+0..1), grad_norm, steps_per_sec, and per eval split eval_<split>_{top1,top5,loss}.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Iterable, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+PLOT_FILE = 'curves.png'
+
+
+# --------------------------------------------------------------------------------
+# Writers.
+# --------------------------------------------------------------------------------
+def _json_value(value: Any) -> float | None:
+  # NaN/Inf are written as null: json.dumps would emit the bare token NaN, which
+  # is not JSON and breaks strict readers (jq, browsers). read_metrics turns null
+  # back into NaN, so a diverged run still shows where it diverged.
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+class MetricsLogger:
+  """Writes scalars to TensorBoard and to workdir/metrics.jsonl.
+
+  Each `write` appends one line and flushes it, so a run that is killed keeps every
+  line written so far. A resumed run passes `resume_step` (the checkpoint's step):
+  lines after it, written by the killed run after its last checkpoint, are dropped
+  so the file stays monotonic in step. TensorBoard keeps its own event files; its
+  reader shows the overlap as a second series.
+
+  In multi-host runs only process 0 should write: others pass `enabled=False` and
+  every method is then a no-op (no files, no directories).
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               resume_step: int | None = None):
+    self.workdir = workdir
+    self.enabled = enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._file = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      self.truncate_after(resume_step)
+    # Imported here: clu's summary writer pulls in TensorFlow, which tools that only
+    # read metrics do not need.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    self._file = open(self.path, 'a', encoding='utf-8')
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Writes `metrics` (name -> scalar: float, numpy or jax scalar) at `step`."""
+    if not self.enabled:
+      return
+    scalars = {name: float(value) for name, value in metrics.items()}
+    record = {'step': int(step)}
+    record.update({name: _json_value(v) for name, v in scalars.items()})
+    self._file.write(json.dumps(record, allow_nan=False) + '\n')
+    self._file.flush()
+    self._tb.write_scalars(int(step), scalars)
+    self._tb.flush()
+
+  def truncate_after(self, step: int) -> None:
+    """Drops lines with step > `step` (and any torn last line) from metrics.jsonl."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    if self._file is not None:
+      self._file.flush()
+    kept = [r for r in _read_records(self.path) if r['step'] <= step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      for record in kept:
+        f.write(json.dumps(record, allow_nan=False) + '\n')
+    os.replace(tmp, self.path)  # Atomic: a crash leaves the old or the new file.
+    if self._file is not None:
+      self._file.close()
+      self._file = open(self.path, 'a', encoding='utf-8')
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> MetricsLogger:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _read_records(path: str) -> list[dict[str, Any]]:
+  records = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning('Skipping a malformed line in %s: %r', path, line[:80])
+  return records
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """Reads workdir/metrics.jsonl: one dict per line, null values back to NaN.
+
+  Returns [] when the run has not written anything yet.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  return [{k: (math.nan if v is None else v) for k, v in r.items()}
+          for r in _read_records(path)]
+
+
+# --------------------------------------------------------------------------------
+# Progress line.
+# --------------------------------------------------------------------------------
+def format_duration(seconds: float) -> str:
+  """Compact duration: 42s, 4m40s, 2h05m, 3d04h."""
+  if not math.isfinite(seconds) or seconds < 0:
+    return '?'
+  s = int(round(seconds))
+  if s < 60:
+    return f'{s}s'
+  if s < 3600:
+    return f'{s // 60}m{s % 60:02d}s'
+  if s < 86400:
+    return f'{s // 3600}h{s % 3600 // 60:02d}m'
+  return f'{s // 86400}d{s % 86400 // 3600:02d}h'
+
+
+# How the progress line shows well-known metrics; the rest follow as `name value`.
+_PROGRESS_FORMATS = {
+    'train_loss': lambda v: f'train_loss {v:.4f}',
+    'learning_rate': lambda v: f'lr {v:.1e}',
+    'img_per_sec': lambda v: f'{v:.0f} img/s',
+    'mfu': lambda v: f'mfu {100 * v:.1f}%',
+}
+
+
+def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any],
+                    elapsed_s: float, steps_per_s: float | None) -> str:
+  """One log line, e.g.
+
+  step 1200/5000 (24%) | train_loss 0.4123 | lr 1.0e-03 | 812 img/s | mfu 31.2% |
+  ETA 4m40s | elapsed 1m28s
+
+  The ETA assumes the remaining steps run at `steps_per_s` (from the last
+  interval; falls back to step / elapsed_s when None).
+  """
+  parts = [f'step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)']
+  for name, fmt in _PROGRESS_FORMATS.items():
+    if name in metrics:
+      parts.append(fmt(float(metrics[name])))
+  for name in sorted(set(metrics) - set(_PROGRESS_FORMATS)):
+    if name != 'steps_per_sec':
+      parts.append(f'{name} {float(metrics[name]):.4g}')
+  if not steps_per_s and elapsed_s > 0:
+    steps_per_s = step / elapsed_s
+  eta = (total_steps - step) / steps_per_s if steps_per_s else math.nan
+  parts.append(f'ETA {format_duration(eta)}')
+  parts.append(f'elapsed {format_duration(elapsed_s)}')
+  return ' | '.join(parts)
+
+
+# --------------------------------------------------------------------------------
+# Throughput and MFU.
+# --------------------------------------------------------------------------------
+def mfu(flops_per_step: float, step_time_s: float, num_devices: int,
+        peak_flops_per_device: float) -> float:
+  """Model FLOPs utilisation: achieved FLOP/s over the devices' peak, as 0..1.
+
+  `flops_per_step` counts the whole step over all devices (global batch, forward
+  and backward; a multiply-add is 2 FLOPs).
+  """
+  if step_time_s <= 0 or num_devices <= 0 or peak_flops_per_device <= 0:
+    raise ValueError('step_time_s, num_devices and peak_flops_per_device must be '
+                     f'positive, got {step_time_s}, {num_devices}, '
+                     f'{peak_flops_per_device}.')
+  return flops_per_step / step_time_s / (num_devices * peak_flops_per_device)
+
+
+class StepTimer:
+  """Throughput over the steps between two log points.
+
+  Call `reset(step)` once the first step has finished (so compilation is not
+  counted) and again after anything that is not training (eval, checkpointing);
+  call `lap(step)` at each log point. Both read the wall clock, so the caller must
+  have waited for the device (e.g. fetched the step's metrics) before calling.
+  """
+
+  def __init__(self, examples_per_step: int, *, flops_per_step: float | None = None,
+               num_devices: int = 1, peak_flops_per_device: float | None = None):
+    self.examples_per_step = examples_per_step
+    self.flops_per_step = flops_per_step
+    self.num_devices = num_devices
+    self.peak_flops_per_device = peak_flops_per_device
+    self._start = time.perf_counter()
+    self._origin: tuple[int, float] | None = None
+
+  @property
+  def elapsed_s(self) -> float:
+    """Wall time since the timer was made (compilation and eval included)."""
+    return time.perf_counter() - self._start
+
+  def reset(self, step: int) -> None:
+    self._origin = (step, time.perf_counter())
+
+  def lap(self, step: int) -> dict[str, float]:
+    """Returns steps_per_sec, img_per_sec and (if FLOPs and peak are known) mfu
+    over the steps since the last reset/lap; {} before the first reset."""
+    now = time.perf_counter()
+    origin, self._origin = self._origin, (step, now)
+    if origin is None or step <= origin[0] or now <= origin[1]:
+      return {}
+    seconds_per_step = (now - origin[1]) / (step - origin[0])
+    out = {'steps_per_sec': 1.0 / seconds_per_step,
+           'img_per_sec': self.examples_per_step / seconds_per_step}
+    if self.flops_per_step and self.peak_flops_per_device:
+      out['mfu'] = mfu(self.flops_per_step, seconds_per_step, self.num_devices,
+                       self.peak_flops_per_device)
+    return out
+
+
+def step_flops(compiled_or_lowered: Any) -> float | None:
+  """FLOPs of one call of a jitted function, from XLA's cost analysis.
+
+  Pass `jax.jit(f).lower(*args)` for the global count that `mfu` expects. A
+  `.compile()`d SPMD program reports the FLOPs of one device's partition instead
+  (multiply by the device count). XLA counts a loop body once, so a step that
+  scans over accum_steps micro-batches reports about one micro-batch: multiply
+  by accum_steps, or use the analytic `vit_forward_flops`. Returns None when the
+  backend offers no cost analysis.
+  """
+  try:
+    analysis = compiled_or_lowered.cost_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('XLA cost analysis unavailable: %s', e)
+    return None
+  if isinstance(analysis, Mapping):
+    analysis = [analysis]
+  flops = [a.get('flops') for a in analysis or () if a]
+  flops = [f for f in flops if f is not None and f >= 0]
+  return float(sum(flops)) if flops else None
+
+
+def vit_forward_flops(hidden: int, depth: int, mlp_dim: int, num_tokens: int,
+                      patch: int, channels: int, num_classes: int, *,
+                      cls_token: bool = True) -> float:
+  """Analytic forward FLOPs of one image through a ViT (multiply-add = 2).
+
+  Counts the matmuls only (patch embedding, q/k/v/out projections, the two
+  attention products, the MLP, the head); norms, softmax and GELU are under 1%.
+  `num_tokens` is the encoder's sequence length (197 for /16 at 224 with a cls
+  token). Training costs about 3x this (backward = 2x forward).
+  """
+  patches = num_tokens - int(cls_token)
+  embed = patches * patch * patch * channels * hidden
+  attention = 4 * num_tokens * hidden * hidden + 2 * num_tokens * num_tokens * hidden
+  mlp = 2 * num_tokens * hidden * mlp_dim
+  head = hidden * num_classes
+  return 2.0 * (embed + depth * (attention + mlp) + head)
+
+
+# Datasheet dense bfloat16 peaks per JAX device, matched in order against
+# device_kind (lowercase). TPU v2/v3 expose each of a chip's two cores as a device.
+_PEAK_FLOPS = (
+    (r'tpu v6 ?(lite|e)', 918e12),
+    (r'tpu v5 ?(lite|e)', 197e12),
+    (r'tpu v5p?\b', 459e12),
+    (r'tpu v4', 275e12),
+    (r'tpu v3', 123e12 / 2),
+    (r'tpu v2', 45e12 / 2),
+    (r'h100.*pcie', 756e12),
+    (r'h100|h200|gh200', 989e12),
+    (r'a100', 312e12),
+    (r'l40s', 362e12),
+    (r'\bl4\b', 121e12),
+    (r'\ba10g?\b', 125e12),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best-of-`repeats` FLOP/s of a jitted float32 [n, n] @ [n, n] on this CPU."""
+  x = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda a, b: a @ b)
+  matmul(x, x).block_until_ready()  # Compile and warm up.
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x, x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device(device: Any = None,
+                          override: float | None = None) -> float | None:
+  """Peak FLOP/s of one device, the denominator of MFU.
+
+  `override` (config.peak_flops) wins. TPUs and common NVIDIA GPUs use their
+  datasheet dense bfloat16 peak. On CPU there is no datasheet number, so MFU is
+  against a measured peak: the best time of a jitted float32 1024x1024 matmul,
+  measured once per process and shared among the process's CPU devices (they run
+  on the same cores). Unknown accelerators return None (MFU is then not logged).
+  """
+  if override:
+    return float(override)
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    return _measured_cpu_flops() / max(len(jax.local_devices(backend='cpu')), 1)
+  kind = device.device_kind.lower()
+  for pattern, peak in _PEAK_FLOPS:
+    if re.search(pattern, kind):
+      return peak
+  logging.warning('No peak FLOP/s known for %r; set config.peak_flops for MFU.',
+                  device.device_kind)
+  return None
+
+
+# --------------------------------------------------------------------------------
+# Curves plot.
+# --------------------------------------------------------------------------------
+def _series(records: Iterable[Mapping[str, Any]], name: str):
+  points = [(r['step'], r[name]) for r in records
+            if name in r and r[name] is not None and math.isfinite(r[name])]
+  return [p[0] for p in points], [p[1] for p in points]
+
+
+def save_curves_plot(workdir: str) -> str:
+  """Writes workdir/curves.png (train loss; eval top-1 per split) and returns it.
+
+  Uses matplotlib's Figure directly (Agg canvas, no pyplot), so it never opens a
+  window or changes the caller's backend. Works with no eval points, or no data.
+  """
+  # Imported here: matplotlib is slow to import and only the plot needs it.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  records = read_metrics(workdir)
+  fig = Figure(figsize=(10, 4), layout='constrained')
+  loss_ax, acc_ax = fig.subplots(1, 2)
+  loss_ax.plot(*_series(records, 'train_loss'), label='train_loss')
+  loss_ax.set(xlabel='step', ylabel='loss', title='train loss')
+  splits = sorted({m.group(1) for r in records for k in r
+                   if (m := re.fullmatch(r'eval_(.+)_top1', k))})
+  for split in splits:
+    acc_ax.plot(*_series(records, f'eval_{split}_top1'), marker='o', label=split)
+  acc_ax.set(xlabel='step', ylabel='top-1', title='eval top-1')
+  if splits:
+    acc_ax.legend()
+  else:
+    acc_ax.text(0.5, 0.5, 'no eval yet', ha='center', va='center',
+                transform=acc_ax.transAxes)
+  path = os.path.join(workdir, PLOT_FILE)
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=100)
+  os.replace(tmp, path)  # A viewer never sees a half-written file.
+  return path

@@ -1,0 +1,304 @@
+"""Optimizer, learning-rate schedule, loss and gradient accumulation.
+
+Everything here is a pure function of the config (or of arrays), so the trainer can
+build the optimizer once and call the loss and accumulation helpers inside `jit`.
+
+Which parameters a rule applies to is decided by regular expressions over
+'/'-joined parameter paths (`head/kernel`,
+`Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`), the same names the released
+checkpoints use. `regex_mask` is that one mechanism; weight decay uses it today and
+later rules (frozen parameters, per-parameter lr multipliers) are meant to reuse it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+PyTree = Any
+
+SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+# rsqrt decay timescale when there is no warmup to take it from (config.lr.timescale).
+DEFAULT_RSQRT_TIMESCALE = 10_000
+
+
+# --------------------------------------------------------------------------------
+# Parameter paths and regex rules.
+# --------------------------------------------------------------------------------
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def tree_paths(tree: PyTree) -> PyTree:
+  """Returns a tree like `tree` whose leaves are their '/'-joined paths.
+
+  Rules (weight decay, and later freezing or lr multipliers) are written against
+  these names, so they read like the keys of a released .npz checkpoint.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: '/'.join(_key_name(k) for k in path), tree)
+
+
+def regex_mask(params: PyTree, pattern: str) -> PyTree:
+  """Returns a tree of bools: True where the parameter's path matches `pattern`.
+
+  Matching uses `re.fullmatch`: the pattern must describe the whole path, so a rule
+  `head/.*` never catches `prehead/kernel` by accident, and `kernel` alone matches
+  only a top-level `kernel` (write `.*/kernel` for every kernel). An empty pattern
+  matches nothing.
+  """
+  if not pattern:
+    return jax.tree_util.tree_map(lambda _: False, params)
+  regex = re.compile(pattern)
+  return jax.tree_util.tree_map(
+      lambda name: regex.fullmatch(name) is not None, tree_paths(params))
+
+
+# --------------------------------------------------------------------------------
+# Learning-rate schedule.
+# --------------------------------------------------------------------------------
+def make_schedule(config: ml_collections.ConfigDict,
+                  total_steps: int) -> optax.Schedule:
+  """Returns step -> learning rate: linear warmup from 0, then `config.lr.schedule`.
+
+  Reads `config.lr.{base, schedule, warmup_steps, end_value}` and, for 'rsqrt'
+  without warmup, `config.lr.timescale`.
+    cosine:   half cosine from base (at warmup end) to end_value (at total_steps).
+    linear:   straight line from base to end_value over the same span.
+    rsqrt:    base * sqrt(tau / (step - warmup + tau)), tau = warmup_steps if > 0
+              (the Transformer's base * sqrt(warmup / step)), else lr.timescale.
+    constant: base.
+  Steps past total_steps keep the end value.
+  """
+  lr = config.lr
+  name, base = lr.schedule, float(lr.base)
+  warmup, end = int(lr.warmup_steps), float(lr.end_value)
+  if name not in SCHEDULES:
+    raise ValueError(f'Unknown lr schedule {name!r}; valid: {", ".join(SCHEDULES)}.')
+  if total_steps <= 0:
+    raise ValueError(f'total_steps must be positive, got {total_steps}.')
+  if warmup < 0 or warmup > total_steps:
+    raise ValueError(f'lr.warmup_steps ({warmup}) must be in [0, total_steps '
+                     f'({total_steps})].')
+  decay_steps = max(total_steps - warmup, 1)
+  tau = float(warmup or lr.get('timescale', DEFAULT_RSQRT_TIMESCALE))
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    after = step - warmup  # Steps since warmup ended.
+    frac = jnp.clip(after / decay_steps, 0.0, 1.0)
+    if name == 'cosine':
+      value = end + (base - end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    elif name == 'linear':
+      value = base + (end - base) * frac
+    elif name == 'rsqrt':
+      value = base * jnp.sqrt(tau / (jnp.maximum(after, 0.0) + tau))
+    else:
+      value = jnp.full_like(step, base)
+    if warmup:
+      value = jnp.where(step < warmup, base * step / warmup, value)
+    return value
+
+  return schedule
+
+
+# --------------------------------------------------------------------------------
+# Optimizer.
+# --------------------------------------------------------------------------------
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+    total_steps: int,
+    params: PyTree | None = None,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Builds the optimizer chain and returns it with its lr schedule.
+
+  Chain, in order: global-norm clipping (`grad_clip_norm`, 0 disables) -> the
+  optimizer's update direction (`optim.name`) -> weight decay -> scaling by
+  -schedule(step). The trainer logs `learning_rate` as `schedule(step)`.
+
+  Weight decay (`weight_decay`, on params whose path fully matches `wd_mask`):
+    sgd, adamw: decoupled and multiplied by the learning rate (AdamW, Loshchilov &
+      Hutter): p <- p - lr * (update + wd * p). Note that big_vision's `wd` is not
+      multiplied by the base lr: its wd=1e-4 at lr=1e-3 is weight_decay=0.1 here.
+    adam: coupled L2 (as torch.optim.Adam): wd * p is added to the gradient before
+      the moment estimates, so it is rescaled by Adam like any gradient.
+  `optim.accumulator_dtype` sets the dtype of sgd's momentum buffer and of Adam's
+  first moment ('bfloat16' halves their memory); the second moment stays float32.
+
+  Args:
+    config: the training config (see configs/common.py).
+    total_steps: length of the run, for the schedule.
+    params: optional params tree; if given, a `wd_mask` that selects no parameter
+      while weight_decay > 0 is reported as an error instead of silently ignored.
+  """
+  opt = config.optim
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f'Unknown optimizer {opt.name!r}; valid: {", ".join(OPTIMIZERS)}.')
+  clip, wd = float(config.grad_clip_norm), float(config.weight_decay)
+  if clip < 0:
+    raise ValueError(f'grad_clip_norm must be >= 0 (0 disables), got {clip}.')
+  if wd < 0:
+    raise ValueError(f'weight_decay must be >= 0, got {wd}.')
+  acc_dtype = jnp.dtype(opt.accumulator_dtype)
+  if params is not None and wd > 0:
+    if not any(jax.tree_util.tree_leaves(regex_mask(params, config.wd_mask))):
+      raise ValueError(f'wd_mask {config.wd_mask!r} matches no parameter; '
+                       f'names look like {jax.tree_util.tree_leaves(tree_paths(params))[:3]}.')
+
+  schedule = make_schedule(config, total_steps)
+  decay = optax.add_decayed_weights(
+      wd, mask=lambda p: regex_mask(p, config.wd_mask)) if wd > 0 else None
+
+  chain = []
+  if clip > 0:
+    chain.append(optax.clip_by_global_norm(clip))
+  if opt.name == 'sgd':
+    if opt.nesterov and not opt.momentum:
+      raise ValueError('optim.nesterov needs optim.momentum > 0.')
+    if opt.momentum:
+      chain.append(optax.trace(decay=opt.momentum, nesterov=opt.nesterov,
+                               accumulator_dtype=acc_dtype))
+  else:
+    if opt.name == 'adam' and decay is not None:
+      chain.append(decay)  # Coupled L2: before the moments.
+      decay = None
+    chain.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                     mu_dtype=acc_dtype))
+  if decay is not None:
+    chain.append(decay)  # Decoupled: after the update direction, scaled by lr.
+  chain.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*chain), schedule
+
+
+# --------------------------------------------------------------------------------
+# Loss.
+# --------------------------------------------------------------------------------
+def one_hot_smoothed(labels: jax.Array, num_classes: int,
+                     smoothing: float = 0.0) -> jax.Array:
+  """Returns float32 targets [..., num_classes] with label smoothing.
+
+  The true class gets 1 - smoothing + smoothing / num_classes and every other class
+  smoothing / num_classes, so each row still sums to 1 (Szegedy et al. 2016).
+  `labels` are int class ids [...] or already-soft targets [..., num_classes]
+  (e.g. from mixup), which are smoothed the same way.
+  """
+  if not 0.0 <= smoothing < 1.0:
+    raise ValueError(f'label smoothing must be in [0, 1), got {smoothing}.')
+  labels = jnp.asarray(labels)
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  else:
+    targets = labels.astype(jnp.float32)
+  return targets * (1.0 - smoothing) + smoothing / num_classes
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
+                       label_smoothing: float = 0.0,
+                       mask: jax.Array | None = None) -> jax.Array:
+  """Mean softmax cross-entropy over the examples where `mask` is true.
+
+  Args:
+    logits: [batch, num_classes], any float dtype; the log-softmax runs in float32
+      so bfloat16 logits do not lose the loss to rounding.
+    labels: int [batch] (or soft targets [batch, num_classes]).
+    num_classes: size of the label space.
+    label_smoothing: see `one_hot_smoothed`.
+    mask: optional [batch] bool/0-1 weights; padding examples (an eval batch
+      filled up to a fixed size) get 0 and do not count in the mean.
+  Returns:
+    A float32 scalar; 0 if every example is masked out.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  targets = one_hot_smoothed(labels, num_classes, label_smoothing)
+  per_example = -jnp.sum(targets * logp, axis=-1)
+  if mask is None:
+    return jnp.mean(per_example)
+  weights = jnp.asarray(mask, jnp.float32)
+  return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+# --------------------------------------------------------------------------------
+# Gradient accumulation.
+# --------------------------------------------------------------------------------
+def _split_micro_batches(batch: PyTree, accum_steps: int) -> PyTree:
+  """[batch, ...] -> [accum_steps, batch // accum_steps, ...], strided.
+
+  Micro-batch i holds examples i, i + accum_steps, i + 2 * accum_steps, ... . The
+  leading (sharded) batch axis becomes the micro-batch axis, so under a
+  data-parallel sharding every micro-batch stays spread over all devices instead
+  of living on a few of them.
+  """
+  sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
+  if len(sizes) != 1:
+    raise ValueError(f'batch leaves disagree on the batch size: {sorted(sizes)}.')
+  size = sizes.pop()
+  if size % accum_steps:
+    raise ValueError(f'batch size {size} is not divisible by accum_steps '
+                     f'{accum_steps}.')
+  return jax.tree_util.tree_map(
+      lambda x: jnp.swapaxes(
+          x.reshape((size // accum_steps, accum_steps) + x.shape[1:]), 0, 1),
+      batch)
+
+
+def accumulate_gradients(
+    loss_and_grad_fn: Callable[[PyTree, PyTree, jax.Array],
+                               tuple[tuple[jax.Array, PyTree], PyTree]],
+    params: PyTree,
+    batch: PyTree,
+    rng: jax.Array,
+    accum_steps: int,
+) -> tuple[jax.Array, PyTree, PyTree]:
+  """Averages loss, aux and gradients over `accum_steps` micro-batches.
+
+  Lets a step see a batch larger than fits in memory: the micro-batches run one
+  after another inside a `lax.scan`, so the compiled program (and compile time)
+  does not grow with accum_steps.
+
+  Args:
+    loss_and_grad_fn: (params, micro_batch, rng) -> ((loss, aux), grads), i.e.
+      `jax.value_and_grad(loss_fn, has_aux=True)` of a loss_fn(params, batch, rng)
+      -> (scalar mean loss, aux pytree of arrays). aux is averaged like the loss,
+      so it should hold per-micro-batch means (e.g. accuracy), not sums.
+    params: the params tree.
+    batch: pytree (e.g. dict) of arrays sharing a leading batch dimension.
+    rng: PRNG key; micro-batch i gets `jax.random.fold_in(rng, i)` (with
+      accum_steps == 1 the function is called once with `rng` itself).
+    accum_steps: number of micro-batches; must divide the batch size.
+  Returns:
+    (loss, aux, grads), each the mean over micro-batches. With equal micro-batch
+    sizes this equals the full-batch mean loss and its gradient.
+  """
+  if accum_steps < 1:
+    raise ValueError(f'accum_steps must be >= 1, got {accum_steps}.')
+  if accum_steps == 1:
+    (loss, aux), grads = loss_and_grad_fn(params, batch, rng)
+    return loss, aux, grads
+
+  micro = _split_micro_batches(batch, accum_steps)
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(loss_and_grad_fn, params, first, rng)
+  # Sum in float32 at least, so bfloat16 gradients do not lose the small terms.
+  zeros = jax.tree_util.tree_map(
+      lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+
+  def body(total, xs):
+    i, micro_batch = xs
+    out = loss_and_grad_fn(params, micro_batch, jax.random.fold_in(rng, i))
+    return jax.tree_util.tree_map(jnp.add, total, out), None
+
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+  (loss, aux), grads = jax.tree_util.tree_map(
+      lambda x, s: (x / accum_steps).astype(s.dtype)
+      if jnp.issubdtype(s.dtype, jnp.floating) else x / accum_steps, total, shapes)
+  return loss, aux, grads
