@@ -106,6 +106,29 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
   return _REGISTRY[name]()
 
 
+def model_section(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """The `config.model` section of a training config.
+
+  Holds `name` plus every field of the variant as a typed None ("use the
+  variant's value"), so the command line can override any of them
+  (`--config.model.dropout_rate=0.1`) and changing `--config.model.name` never
+  keeps a stale field of the previous variant.
+  """
+  base = get_model_config(name)
+  section = ml_collections.ConfigDict({'name': name})
+  for key, value in base.items():
+    if key in ('name', 'model_type', 'resnet'):
+      continue
+    field_type = int if key == 'representation_size' else type(value)
+    section[key] = ml_collections.FieldReference(None, field_type=field_type)
+  unknown = sorted(set(overrides) - set(section))
+  if unknown:
+    raise ValueError(f'Unknown model field(s) {unknown} for {name}; '
+                     f'valid: {sorted(section)}')
+  section.update(overrides)
+  return section
+
+
 def _resolve(name_or_config: Union[str, ml_collections.ConfigDict],
              overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """Registered config (or a copy of the given one) with overrides applied."""
@@ -115,7 +138,8 @@ def _resolve(name_or_config: Union[str, ml_collections.ConfigDict],
     config = ml_collections.ConfigDict(name_or_config)
     if 'model_type' not in config:  # A training config's `model`: name + overrides.
       base = get_model_config(config.name)
-      base.update({k: v for k, v in config.items() if k != 'name'})
+      base.update({k: v for k, v in config.items()
+                   if k != 'name' and v is not None})
       config = base
   unknown = sorted(set(overrides) - set(config))
   if unknown:
