@@ -1,0 +1,88 @@
+"""What the trainer needs to know about the data before it builds a model.
+
+`get_dataset_info` opens the dataset and sizes every split the config names.
+It is cheap (reads metadata; prepares an offline dataset or scans an image
+folder only the first time) and raises the data errors — unknown dataset,
+data not prepared, unknown split, bad preprocessing settings — before any
+model compiles.
+"""
+
+import dataclasses
+import math
+
+from vit_jax.data import preprocess
+from vit_jax.data import sources
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Facts about the configured dataset.
+
+  Attributes:
+    name: `config.dataset`.
+    num_classes: number of labels; labels are in [0, num_classes).
+    class_names: the label names, index = label.
+    num_examples: examples in `config.train_split` and each eval split, keyed
+      by the split spec as written in the config (after slicing, so
+      `'train[:98%]'` of Fashion-MNIST is 58,800).
+    image_shape: native (H, W, C) of the stored images; H and W are None if
+      images differ in size.
+  """
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  num_examples: dict[str, int]
+  image_shape: tuple[int | None, int | None, int]
+
+
+def eval_splits(config) -> list[str]:
+  """`config.eval_splits` ('test' or 'validation, test') as a list."""
+  return [s.strip() for s in config.eval_splits.split(',') if s.strip()]
+
+
+def _check_config(config) -> None:
+  if config.channels not in (1, 3):
+    raise ValueError(f'config.channels={config.channels}; must be 1 or 3.')
+  if config.image_size < 1:
+    raise ValueError(f'config.image_size={config.image_size} must be >= 1.')
+  preprocess.check_pp(config.pp)
+
+
+def get_dataset_info(config) -> DatasetInfo:
+  """Opens `config.dataset` and sizes the train and eval splits.
+
+  Raises:
+    ValueError: unknown dataset name or split (the message lists the
+      available splits), or invalid `channels`/`image_size`/`pp` settings.
+    FileNotFoundError: the dataset is known but its data is missing (the
+      message says how to get it).
+  """
+  _check_config(config)
+  source = sources.open_source(config)
+  splits = [config.train_split] + eval_splits(config)
+  return DatasetInfo(
+      name=config.dataset,
+      num_classes=len(source.class_names),
+      class_names=tuple(source.class_names),
+      num_examples={split: source.split_size(split) for split in splits},
+      image_shape=tuple(source.image_shape))
+
+
+def num_eval_batches(info_or_config, split: str,
+                     global_batch_size: int) -> int:
+  """Batches `eval_iterator` yields on every process: ceil(N / global batch).
+
+  Args:
+    info_or_config: a `DatasetInfo` whose `num_examples` has `split`, or a
+      config (then the split is opened and sized).
+    split: split spec, e.g. 'test'.
+    global_batch_size: local batch size times process count.
+  """
+  if isinstance(info_or_config, DatasetInfo):
+    if split not in info_or_config.num_examples:
+      raise KeyError(f'Split {split!r} was not sized by get_dataset_info; it '
+                     f'has {sorted(info_or_config.num_examples)}.')
+    num_examples = info_or_config.num_examples[split]
+  else:
+    num_examples = sources.open_source(info_or_config).split_size(split)
+  return math.ceil(num_examples / global_batch_size)

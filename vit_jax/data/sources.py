@@ -1,0 +1,212 @@
+"""Where examples come from: `config.dataset` -> a `Source`.
+
+A source hands out *undecoded records* (serialized tf.Examples, or file paths)
+cheaply, and decodes one record into `{'image': uint8 [H, W, C], 'label':
+int32 []}` on demand. Keeping the two apart lets the pipeline decide which
+process decodes what after the cheap records are ordered and shared out.
+
+  * TFDS names: any prepared TFDS dataset, plus this project's offline
+    builders `fashion_mnist` (Debian's files) and `digits` (scikit-learn),
+    which are prepared on first use. Records are read straight from the
+    prepared TFRecord shards, honouring TFDS split slicing (`train[:98%]`).
+  * `folder:/root`: see `folder.py`.
+
+Errors for a missing dataset or split are raised here, when the source is
+opened or a split is sized, so they surface before any model compiles.
+"""
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from absl import logging
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax.data import digits
+from vit_jax.data import fashion_mnist
+from vit_jax.data import folder
+
+Record = dict[str, tf.Tensor]
+
+OFFLINE_BUILDERS = {
+    'fashion_mnist': fashion_mnist.FashionMnist,
+    'digits': digits.Digits,
+}
+_HOW_TO_GET = {
+    'fashion_mnist': (
+        'Offline: `apt-get install dataset-fashion-mnist` (idx files under '
+        f'{fashion_mnist.LOCAL_DIR}); online: the normal TFDS download runs '
+        'automatically.'),
+    'digits': 'It is built from scikit-learn: `pip install scikit-learn`.',
+}
+
+
+class Source(Protocol):
+  """What the pipeline needs from a dataset (see module docstring)."""
+  name: str
+  class_names: tuple[str, ...]
+  image_shape: tuple[int | None, int | None, int]
+
+  def split_size(self, split: str) -> int:
+    """Examples in a split spec; ValueError naming the available splits."""
+
+  def records(self, split: str,
+              shard_key: tf.Tensor | None = None) -> tf.data.Dataset:
+    """Undecoded records of a split: a fixed order, or with `shard_key`
+    (int64 [2]) its shards in a key-dependent order. Traceable inside
+    `tf.data` functions."""
+
+  def lookup(self, split: str) -> Callable[[tf.Tensor], Record] | None:
+    """Random access `index -> record`, or None if the source streams."""
+
+  def decode(self, record: Record) -> Record:
+    """`{'image': uint8 [H, W, C], 'label': int32 []}` from a record."""
+
+
+class TfdsSource:
+  """A prepared TFDS dataset, read shard by shard."""
+
+  def __init__(self, name: str, builder: tfds.core.DatasetBuilder):
+    self.name = name
+    self._builder = builder
+    info = builder.info
+    keys = info.supervised_keys
+    if not (keys and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
+      keys = ('image', 'label')
+    self._image_key, self._label_key = keys
+    features = info.features
+    image = features[self._image_key] if self._image_key in features else None
+    label = features[self._label_key] if self._label_key in features else None
+    if not (isinstance(image, tfds.features.Image) and
+            isinstance(label, tfds.features.ClassLabel)):
+      raise ValueError(
+          f'Dataset {name!r} is not an image classification dataset: need an '
+          f'Image feature {self._image_key!r} and a ClassLabel '
+          f'{self._label_key!r}; its features are {info.features}.')
+    self._image_feature = image
+    file_format = getattr(info.file_format, 'value', 'tfrecord')
+    if file_format != 'tfrecord':
+      raise ValueError(
+          f'Dataset {name!r} is stored as {file_format}; this pipeline reads '
+          'TFRecord shards. Prepare it with the default file format.')
+    self.class_names = tuple(label.names)
+    self.image_shape = tuple(image.shape)
+
+  def split_size(self, split: str) -> int:
+    return self._split_info(split).num_examples
+
+  def _split_info(self, split: str):
+    splits = self._builder.info.splits
+    try:
+      return splits[split]
+    except (KeyError, ValueError) as e:
+      raise ValueError(
+          f'Split {split!r} of dataset {self.name!r} is not available ({e}). '
+          f'Available splits: {sorted(splits.keys())}; slices such as '
+          "'train[:98%]' or 'train[-5000:]' select parts of one.") from e
+
+  def records(self, split, shard_key=None):
+    shards = [(f.filename, f.skip,
+               f.take if f.take >= 0 else f.examples_in_shard - f.skip)
+              for f in self._split_info(split).file_instructions]
+    if not shards:  # An empty slice.
+      return tf.data.Dataset.from_tensors(
+          {'serialized': tf.constant('')}).take(0)
+    files, skips, takes = (tf.constant(list(c)) for c in zip(*shards))
+    order = tf.range(len(shards), dtype=tf.int64)
+    if shard_key is not None:
+      order = tf.random.experimental.stateless_shuffle(order, shard_key)
+
+    def read(i):
+      return tf.data.TFRecordDataset(files[i]).skip(
+          tf.cast(skips[i], tf.int64)).take(tf.cast(takes[i], tf.int64))
+
+    cycle = 1 if shard_key is None else min(16, len(shards))
+    ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+        read, cycle_length=cycle, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.map(lambda serialized: {'serialized': serialized})
+
+  def lookup(self, split):
+    del split
+    return None
+
+  def decode(self, record):
+    example = self._builder.info.features.deserialize_example(
+        record['serialized'],
+        decoders={self._image_key: tfds.decode.SkipDecoding()})
+    image = self._image_feature.decode_example(example[self._image_key])
+    return {'image': image,
+            'label': tf.cast(example[self._label_key], tf.int32)}
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  """Serialises dataset preparation between processes on one machine."""
+  if '://' in path:  # Remote storage: no flock; prepare once beforehand.
+    yield
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _offline_builder(name: str,
+                     data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """An offline builder, prepared (once, under a lock) if it is not yet."""
+  cls = OFFLINE_BUILDERS[name]
+  builder = cls(data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  root = os.fspath(builder.data_path.parent.parent)
+  with _file_lock(os.path.join(root, f'.{name}.prepare.lock')):
+    builder = cls(data_dir=data_dir)  # Another process may have finished.
+    if not builder.is_prepared():
+      logging.info('Preparing dataset %r under %s.', name, root)
+      try:
+        builder.download_and_prepare()
+      except Exception as e:  # pylint: disable=broad-except
+        raise FileNotFoundError(
+            f'Dataset {name!r} is not prepared under {root} and preparing it '
+            f'failed: {e!r}. {_HOW_TO_GET[name]} Or set config.data_dir to a '
+            'directory that holds it.') from e
+  return cls(data_dir=data_dir)
+
+
+def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The builder of a prepared, registered TFDS dataset (never downloads)."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f'Unknown dataset {name!r}: not a TFDS dataset name, not one of the '
+        f'offline datasets {sorted(OFFLINE_BUILDERS)}, and not '
+        "'folder:/path/to/root'. Check config.dataset.") from e
+  if not builder.is_prepared():
+    flag = f' --data_dir={data_dir}' if data_dir else ''
+    raise FileNotFoundError(
+        f'Dataset {name!r} is not prepared (looked in {builder.data_dir}). '
+        f'Prepare it once where the network is reachable (`tfds build {name}'
+        f'{flag}`; some datasets need a manual download, see their TFDS '
+        'page), or set config.data_dir to a directory that holds it.')
+  return builder
+
+
+def open_source(config) -> Source:
+  """The source `config.dataset` names (see module docstring)."""
+  name = config.dataset
+  if name.startswith('folder:'):
+    return folder.FolderSource(
+        name[len('folder:'):], train_split=config.train_split,
+        channels=config.channels,
+        skip_bad_images=config.get('skip_bad_images', False))
+  if name in OFFLINE_BUILDERS:
+    return TfdsSource(name, _offline_builder(name, config.data_dir))
+  return TfdsSource(name, _tfds_builder(name, config.data_dir))
