@@ -5,8 +5,8 @@ needs, and returns a locked ConfigDict: an unknown key (a typo such as
 `--config.batchsize=64`) is an error, not a silently ignored setting.
 
 Durations: set `total_steps`, or `total_epochs` (then total_steps is derived from the
-train split size and the batch size). `warmup_steps` may also be given as
-`warmup_epochs`.
+train split size and the batch size). When both are set, `total_steps` wins, so
+`--config.total_steps=100` shortens an epoch-based config from the command line.
 """
 
 import ml_collections

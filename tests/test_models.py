@@ -288,7 +288,7 @@ def test_std_conv_standardises_its_kernel():
   x = np.random.default_rng(6).normal(size=(1, 5, 5, 2)).astype(np.float32)
   params = conv.init(jax.random.key(0), x)['params']
   kernel = np.asarray(params['kernel'])
-  std = (kernel - kernel.mean((0, 1, 2))) / np.sqrt(kernel.var((0, 1, 2)) + 1e-5)
+  std = (kernel - kernel.mean((0, 1, 2))) / (kernel.std((0, 1, 2)) + 1e-5)
   want = jax.lax.conv_general_dilated(x, std, (1, 1), 'SAME',
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   np.testing.assert_allclose(conv.apply({'params': params}, x), want, atol=1e-5)

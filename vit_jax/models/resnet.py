@@ -1,6 +1,6 @@
 """ResNet (v2-style BiT units) stem for the hybrid R50+ViT / R26+ViT models.
 
-Convolutions are weight-standardised (eps 1e-5) and followed by GroupNorm with 32
+Convolutions are weight-standardised ((w - mean) / (std + 1e-5)) and followed by GroupNorm with 32
 groups (eps 1e-6), as in BiT; names follow the released hybrid checkpoints:
 `conv_root`, `gn_root`, `block{n}/unit{m}/{conv1,conv2,conv3,conv_proj}`,
 `block{n}/unit{m}/{gn1,gn2,gn3,gn_proj}`.
@@ -21,9 +21,10 @@ class StdConv(nn.Conv):
   def param(self, name: str, *args, **kwargs):
     value = super().param(name, *args, **kwargs)
     if name == 'kernel':
-      mean = jnp.mean(value, axis=(0, 1, 2), keepdims=True)
-      var = jnp.var(value, axis=(0, 1, 2), keepdims=True)
-      value = (value - mean) / jnp.sqrt(var + 1e-5)
+      # The reference's formula: eps added to the std, not to the variance
+      # (timm's sqrt(var + eps) differs by ~5e-3 in the logits).
+      value = value - jnp.mean(value, axis=(0, 1, 2), keepdims=True)
+      value = value / (jnp.std(value, axis=(0, 1, 2), keepdims=True) + 1e-5)
     return value
 
 

@@ -1,0 +1,64 @@
+"""Trains a Vision Transformer: `python train.py --config=configs/X.py --workdir=DIR`.
+
+Any config value can be overridden on the command line
+(`--config.batch_size=64 --config.model.name=ViT-S_16`); a misspelt key is an
+error. Running again with the same workdir resumes from its latest checkpoint.
+
+Multi-process runs on GPU clusters or one machine pass
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; on TPU pod
+slices JAX finds its peers by itself (pass `--distributed`).
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training config file (see configs/).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0 for multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with no arguments '
+    '(TPU pod slices, SLURM).')
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO records of orbax/jax internals, so the progress lines stay visible."""
+  _NOISY = ('/orbax/', '/jax/_src/', '/etils/')
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING or
+            not any(p in record.pathname for p in self._NOISY))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _COORDINATOR.value or _DISTRIBUTED.value:
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  # Imported after jax.distributed.initialize: nothing may touch devices before it.
+  from vit_jax import trainer  # pylint: disable=g-import-not-at-top
+  logging.info('JAX process %d/%d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  from vit_jax import validation  # pylint: disable=g-import-not-at-top
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except validation.ConfigError as e:
+    # What to change, without a traceback: nothing was compiled or written.
+    raise app.UsageError(str(e)) from None
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,188 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom in the order things happen: checks -> mesh -> input ->
+model and optimizer -> sharded init or resume -> compiled steps -> loop (train,
+log, evaluate, checkpoint) -> final evaluation. Everything that can be wrong with
+the config, data or workdir is reported before anything is compiled.
+"""
+
+import functools
+import math
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax import checkpoint
+from vit_jax import data
+from vit_jax import metrics
+from vit_jax import models
+from vit_jax import optim
+from vit_jax import parallel
+from vit_jax import steps
+from vit_jax import validation
+
+
+def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+  """`total_steps`, or `total_epochs` over the train split at `batch_size`."""
+  if config.total_steps is not None:
+    return int(config.total_steps)
+  return max(1, math.ceil(config.total_epochs * num_train / config.batch_size))
+
+
+def evaluate(eval_step, params: Any, config: ml_collections.ConfigDict,
+             split: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Top-1, top-5 and loss over every example of `split` (padding masked out)."""
+  sums = None
+  local_batch = parallel.local_batch_size(config.eval_batch_size)
+  for local in data.eval_iterator(
+      config, split, local_batch_size=local_batch,
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    out = eval_step(params, parallel.to_global_batch(local, mesh))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  count = float(sums['count'])
+  name = validation.split_name(split)
+  return {f'eval_{name}_top1': float(sums['top1']) / count,
+          f'eval_{name}_top5': float(sums['top5']) / count,
+          f'eval_{name}_loss': float(sums['loss']) / count,
+          f'eval_{name}_count': count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the configured model in `workdir`; returns final metrics."""
+  # ----------------------------------------------------------------- checks
+  # Everything here is cheap: a bad config fails in seconds, not after a compile.
+  validation.check_config(config)
+  workdir = validation.prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh, config.accum_steps)
+  parallel.check_batch_size(config.eval_batch_size, mesh)
+  info = data.get_dataset_info(config)
+  total_steps = resolve_total_steps(config, info.num_examples[config.train_split])
+  eval_splits = data.info.eval_splits(config)
+  is_main = jax.process_index() == 0
+  logging.info('Dataset %s: %d classes, splits %s; %d steps of batch %d on %d '
+               'devices (%d processes)', info.name, info.num_classes,
+               info.num_examples, total_steps, config.batch_size,
+               mesh.devices.size, jax.process_count())
+
+  # ------------------------------------------------------ model and optimizer
+  model = models.create_model(config.model, info.num_classes)
+  tx, schedule = optim.make_optimizer(config, total_steps)
+  image_shape = (config.image_size, config.image_size, config.channels)
+  init_fn = functools.partial(steps.create_train_state, model, tx, image_shape,
+                              config.seed)
+  abstract_state = jax.eval_shape(init_fn)
+  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_sharding)
+
+  # -------------------------------------- resume, or start (scratch/pretrained)
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state, meta = checkpoint.restore(manager, abstract_state)
+    validation.check_resume_meta(meta, config)
+    logging.info('Resumed from %s at step %d', manager.directory,
+                 int(state.step))
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)()
+    if config.pretrained_path:
+      params, _ = checkpoint.load_pretrained(
+          config.pretrained_path, jax.device_get(state.params))
+      state = state.replace(params=jax.device_put(params, state_sharding.params))
+  start_step = int(jax.device_get(state.step))
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('Model %s: %s parameters', config.model.name, f'{num_params:,}')
+
+  # --------------------------------------------------------- compiled steps
+  train_step = steps.make_train_step(
+      model, tx, num_classes=info.num_classes,
+      label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
+      parallelism=config.parallelism)
+  if config.parallelism == 'shard_map':
+    train_step = parallel.shard_map_step(train_step, mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(
+      train_step, in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, parallel.replicated(mesh)),
+      donate_argnums=0)
+  eval_step = jax.jit(
+      steps.make_eval_step(model, num_classes=info.num_classes),
+      in_shardings=(state_sharding.params, batch_sharding),
+      out_shardings=parallel.replicated(mesh))
+  batch_spec = {
+      'image': jax.ShapeDtypeStruct((config.batch_size,) + image_shape,
+                                    jnp.float32, sharding=batch_sharding),
+      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                    sharding=batch_sharding)}
+  t0 = time.time()
+  lowered = train_step.lower(abstract_state, batch_spec)
+  train_step = lowered.compile()
+  flops = metrics.step_flops(lowered)
+  if flops and config.accum_steps > 1:
+    flops *= config.accum_steps  # Cost analysis counts a scan body once.
+  logging.info('Compiled the train step in %.1fs (%.3g FLOP/step)',
+               time.time() - t0, flops or float('nan'))
+
+  # ------------------------------------------------------------------ loop
+  writer = metrics.MetricsLogger(workdir, enabled=is_main, resume_step=start_step)
+  timer = metrics.StepTimer(
+      config.batch_size, flops_per_step=flops, num_devices=mesh.devices.size,
+      peak_flops_per_device=metrics.peak_flops_per_device(
+          jax.devices()[0], override=config.peak_flops))
+  train_iter = data.train_iterator(
+      config, local_batch_size=parallel.local_batch_size(config.batch_size),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      start_step=start_step)
+  meta = validation.resume_meta(config)
+  final = {}
+
+  def evaluate_all(step: int) -> None:
+    for split in eval_splits:
+      result = evaluate(eval_step, state.params, config, split, mesh)
+      writer.write(step, result)
+      final.update(result)
+      logging.info('step %d: %s', step, ', '.join(
+          f'{k} {v:.4f}' for k, v in result.items()))
+
+  for step in range(start_step + 1, total_steps + 1):
+    batch = parallel.to_global_batch(next(train_iter), mesh)
+    state, step_metrics = train_step(state, batch)
+
+    if step == start_step + 1:
+      jax.block_until_ready(state)
+      timer.reset(step)  # Throughput excludes the first (compile-bound) step.
+    if step % config.log_every == 0 or step == total_steps:
+      scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      validation.check_finite(scalars, step)
+      scalars['learning_rate'] = float(schedule(step - 1))
+      scalars.update(timer.lap(step))
+      writer.write(step, scalars)
+      logging.info(metrics.format_progress(
+          step, total_steps, scalars, timer.elapsed_s,
+          scalars.get('steps_per_sec', 0.0)))
+    if step % config.eval_every == 0 or step == total_steps:
+      evaluate_all(step)
+      timer.reset(step)
+    if step % config.checkpoint_every == 0 or step == total_steps:
+      checkpoint.save(manager, state, meta)
+      timer.reset(step)
+
+  # ----------------------------------------------------------------- finish
+  if start_step >= total_steps:  # Rerun of a finished workdir: report, train nothing.
+    logging.info('Workdir already holds step %d of %d', start_step, total_steps)
+    evaluate_all(start_step)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  if is_main and config.write_plot:
+    metrics.save_curves_plot(workdir)
+  logging.info('Done at step %d: %s', total_steps, final)
+  return final
