@@ -3,6 +3,8 @@
 Any config value can be overridden on the command line
 (`--config.batch_size=64 --config.model.name=ViT-S_16`); a misspelt key is an
 error. Running again with the same workdir resumes from its latest checkpoint.
+SIGTERM (a preemption notice) saves after the current step and exits 0; a
+NaN/Inf loss exits 1 naming the step (see README, "Preemption and resume").
 
 Multi-process runs on GPU clusters or one machine pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; on TPU pod
@@ -10,6 +12,7 @@ slices JAX finds its peers by itself (pass `--distributed`).
 """
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -57,6 +60,10 @@ def main(argv):
   except validation.ConfigError as e:
     # What to change, without a traceback: nothing was compiled or written.
     raise app.UsageError(str(e)) from None
+  except FloatingPointError as e:
+    # The message names the step and what to change; checkpoints are intact.
+    logging.error('%s', e)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,11 @@
 parallelism mode (see vit_jax.parallel); `make_eval_step` returns
 `step(params, batch) -> sums` of loss / top-1 / top-5 / count over the batch's
 unmasked examples, so that summing over batches gives exact split metrics.
+
+Non-finite values are caught inside the compiled step, without a host sync:
+every step checks its loss and gradient norm and records the first bad step and
+a count in the state, which the loop reads only where it syncs anyway (log,
+eval and checkpoint steps). See `NAN_POLICIES`.
 """
 
 from typing import Any, Callable
@@ -20,6 +25,13 @@ from vit_jax import parallel
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
+# What a step does when its loss or gradient norm is NaN/Inf:
+#   'stop':      apply it anyway; the loop stops the run at its next check,
+#                before logging or saving anything computed after that step.
+#   'skip_step': leave params and optimizer state as they were (the step
+#                counter and data position still advance) and count it.
+NAN_POLICIES = ('stop', 'skip_step')
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -27,11 +39,16 @@ class TrainState:
 
   `rng` is raw uint32 key data, so checkpoints hold plain arrays; the key for a
   step is `fold_in(rng, step)`, which makes a resumed run draw the same dropout.
+  `first_nonfinite_step` (0 = none yet) and `nonfinite_steps` record steps whose
+  loss or gradient norm was NaN/Inf; they live here, on device, so that noticing
+  one costs no host sync per step and a resumed run keeps its count.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  first_nonfinite_step: jax.Array
+  nonfinite_steps: jax.Array
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -40,24 +57,33 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
   params = model.init(init_rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
                       train=False)['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params),
-                    rng=jax.random.key_data(train_rng))
+  zero = lambda: jnp.zeros((), jnp.int32)  # One buffer per leaf: all are donated.
+  return TrainState(step=zero(), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(train_rng),
+                    first_nonfinite_step=zero(), nonfinite_steps=zero())
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     num_classes: int, label_smoothing: float = 0.0,
                     accum_steps: int = 1,
-                    parallelism: str = 'jit') -> Callable[[TrainState, Batch],
+                    parallelism: str = 'jit',
+                    nan_policy: str = 'stop') -> Callable[[TrainState, Batch],
                                                           tuple[TrainState, Metrics]]:
   """The update step: loss, (accumulated) gradients, optimizer update.
 
   In 'shard_map' mode the body runs per device: each device folds its index into
   the dropout key and gradients/metrics are averaged with `pmean` over `data`.
+  `nan_policy` (see NAN_POLICIES) decides whether a step with a non-finite loss
+  or gradient norm is applied; with 'skip_step' the metrics add the running
+  count `skipped_steps`. A skipped step does not advance the optimizer's own
+  step count either, so its schedule runs that many steps behind the logged one.
   """
   if parallelism not in parallel.PARALLELISMS:
     raise ValueError(f'parallelism {parallelism!r} not in {parallel.PARALLELISMS}')
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f'nan_policy {nan_policy!r} not in {NAN_POLICIES}')
   per_device = parallelism == 'shard_map'
+  skip_nonfinite = nan_policy == 'skip_step'
 
   def loss_fn(params, batch, rng):
     logits = model.apply({'params': params}, batch['image'], train=True,
@@ -76,11 +102,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
         grad_fn, state.params, batch, rng, accum_steps)
     if per_device:
       loss, grads = parallel.pmean_if_sharded((loss, grads))
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'train_loss': loss, 'grad_norm': optax.global_norm(grads)}
-    new_state = state.replace(step=state.step + 1, params=params,
-                              opt_state=opt_state)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      params, opt_state = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old),
+          (params, opt_state), (state.params, state.opt_state))
+    step_number = state.step + 1  # 1-based, as the loop and the logs count.
+    first_bad = jnp.where((state.first_nonfinite_step == 0) & ~finite,
+                          step_number, state.first_nonfinite_step)
+    new_state = state.replace(
+        step=step_number, params=params, opt_state=opt_state,
+        first_nonfinite_step=first_bad,
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+    metrics = {'train_loss': loss, 'grad_norm': grad_norm}
+    if skip_nonfinite:
+      metrics['skipped_steps'] = new_state.nonfinite_steps
     return new_state, metrics
 
   return step

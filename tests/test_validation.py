@@ -1,0 +1,199 @@
+"""Bad configs and inputs fail before the train step is built, saying what to change.
+
+Each case runs `trainer.train_and_evaluate` with one bad value. Building the
+train step fails the test, so every error below is raised before the (slow)
+compile; the messages are matched on the part that tells the user what to do.
+"""
+
+import functools
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import pytest
+
+from configs import common
+from vit_jax import checkpoint
+from vit_jax import models
+from vit_jax import steps
+from vit_jax import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ERRORS = (ValueError, FileNotFoundError)  # validation.ConfigError is a ValueError.
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('tfds')
+
+
+def _config(data_dir, overrides):
+  config = common.get_config()
+  config.model = models.model_section('ViT-test_4', num_layers=1)
+  config.dataset = 'digits'
+  config.data_dir = str(data_dir)
+  config.image_size = 16
+  config.channels = 1
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.total_steps = 8
+  config.lr.warmup_steps = 2
+  config.write_plot = False
+  config.lock()
+  config.update(overrides)
+  return config
+
+
+def _npz_of(tmp_path, name, **model_overrides):
+  """A released-layout .npz of ViT-test_4 with `model_overrides`, 10 classes."""
+  model = models.create_model('ViT-test_4', 10, num_layers=1, **model_overrides)
+  init = functools.partial(model.init, train=False)
+  shapes = jax.eval_shape(init, jax.random.key(0),
+                          jnp.zeros((1, 16, 16, 1)))['params']
+  path = tmp_path / name
+  checkpoint.save_npz(path, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                         shapes))
+  return str(path)
+
+
+def _unwritable(tmp_path):
+  if os.geteuid() != 0:
+    path = tmp_path / 'read_only'
+    path.mkdir(mode=0o500)
+    return str(path)
+  if not os.path.isdir('/sys'):  # root ignores permissions; sysfs refuses files.
+    pytest.skip('no directory that root cannot write to')
+  return '/sys'
+
+
+def _file(tmp_path):
+  path = tmp_path / 'a_file'
+  path.write_text('x')
+  return str(path)
+
+
+def _garbage(tmp_path):
+  path = tmp_path / 'garbage.npz'
+  path.write_bytes(b'not a checkpoint')
+  return {'pretrained_path': str(path)}
+
+
+# (overrides or tmp_path -> overrides, tmp_path -> workdir or None, message)
+CASES = {
+    # Values and types.
+    'batch_size_zero': ({'batch_size': 0}, None,
+                        'config.batch_size must be a positive integer, got 0'),
+    'batch_size_bool': ({'batch_size': True}, None,
+                        'config.batch_size must be a positive integer, got True'),
+    'image_size_none': ({'image_size': None}, None,
+                        'config.image_size must be a positive integer, got None'),
+    'total_steps_negative': ({'total_steps': -5}, None,
+                             'config.total_steps must be a positive integer'),
+    'no_duration': ({'total_steps': None}, None,
+                    'set config.total_steps or config.total_epochs'),
+    'lr_zero': ({'lr': {'base': 0.0}}, None, 'config.lr.base must be a positive'),
+    'lr_nan': ({'lr': {'base': float('nan')}}, None,
+               'config.lr.base must be a positive number, got nan'),
+    'warmup_longer_than_run': ({'lr': {'warmup_steps': 100}}, None,
+                               'warmup_steps 100 exceeds config.total_steps 8'),
+    'unknown_optimizer': ({'optim': {'name': 'lamb'}}, None,
+                          r"config.optim.name 'lamb' not in \('sgd'"),
+    'unknown_schedule': ({'lr': {'schedule': 'step'}}, None,
+                         r"config.lr.schedule 'step' not in \('cosine'"),
+    'label_smoothing_one': ({'label_smoothing': 1.0}, None,
+                            r'label_smoothing must be in \[0, 1\)'),
+    'grad_clip_negative': ({'grad_clip_norm': -1.0}, None,
+                           r'grad_clip_norm must be >= 0 \(0 disables\)'),
+    'wd_mask_not_a_regex': ({'wd_mask': '('}, None, 'wd_mask .* is not a regex'),
+    'unknown_nan_policy': ({'nan_policy': 'ignore'}, None,
+                           r"nan_policy 'ignore' not in \('stop', 'skip_step'\)"),
+    'unknown_parallelism': ({'parallelism': 'pmap'}, None,
+                            r"parallelism 'pmap' not in \('jit', 'shard_map'\)"),
+    'channels_two': ({'channels': 2}, None, 'must be 1 \\(grayscale\\) or 3'),
+    'keep_no_checkpoints': ({'keep_checkpoints': 0}, None,
+                            'config.keep_checkpoints must be a positive integer'),
+    'empty_eval_splits': ({'eval_splits': ' '}, None, 'config.eval_splits is empty'),
+    # Model.
+    'unknown_model': ({'model': {'name': 'ViT-Q_16'}}, None,
+                      "Unknown model 'ViT-Q_16'.*Valid names"),
+    'patch_does_not_divide_image': (
+        {'image_size': 18}, None,
+        'image size 18 is not divisible by the patch size 4x4'),
+    # Batch against devices (8 simulated) and accumulation.
+    'batch_not_divisible_by_devices': (
+        {'batch_size': 12}, None,
+        'batch_size 12 is not divisible by the 8 devices.*multiple of 8'),
+    'accum_does_not_divide_batch': (
+        {'accum_steps': 3}, None,
+        'config.accum_steps 3 does not divide config.batch_size 32'),
+    'micro_batch_not_divisible_by_devices': (
+        {'accum_steps': 8}, None,
+        r'micro-batch 4 .* a multiple of 64'),
+    'eval_batch_not_divisible_by_devices': (
+        {'eval_batch_size': 20}, None,
+        'batch_size 20 is not divisible by the 8 devices'),
+    # Data.
+    'unknown_dataset': ({'dataset': 'no_such_dataset'}, None, 'no_such_dataset'),
+    'missing_image_folder': ({'dataset': 'folder:/no/such/root'}, None,
+                             '/no/such/root'),
+    'missing_eval_split': ({'eval_splits': 'validation'}, None,
+                           r"'validation'.*test.*train"),
+    'missing_train_split': ({'train_split': 'extra'}, None, "'extra'"),
+    # Workdir.
+    'workdir_parent_missing': ({}, lambda p: str(p / 'missing' / 'run'),
+                               'parent directory .* does not exist'),
+    'workdir_is_a_file': ({}, _file, 'exists and is not a directory'),
+    'workdir_unwritable': ({}, _unwritable, 'is not writable .*pick a writable'),
+    # Pre-trained checkpoint.
+    'pretrained_missing': ({'pretrained_path': '/no/such/ViT-B_16.npz'}, None,
+                           'pretrained_path /no/such/ViT-B_16.npz does not exist'),
+    'pretrained_not_npz': (_garbage, None, 'is not an .npz checkpoint'),
+    'pretrained_other_architecture': (
+        lambda p: {'pretrained_path': _npz_of(p, 'wide.npz', hidden_size=48)},
+        None,
+        r'(?s)do not match the model.*encoderblock_0/MlpBlock_3/Dense_0/kernel: '
+        r'checkpoint \(48, 64\) vs model \(32, 64\).*hidden size 48 vs 32'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_bad_input_is_reported_before_compiling(case, data_dir, tmp_path,
+                                                monkeypatch):
+  overrides, workdir, message = CASES[case]
+  if callable(overrides):
+    overrides = overrides(tmp_path)
+  workdir = workdir(tmp_path) if workdir else str(tmp_path / 'w')
+
+  def no_train_step(*args, **kwargs):
+    raise AssertionError('the train step was built before the error was found')
+
+  monkeypatch.setattr(steps, 'make_train_step', no_train_step)
+  with pytest.raises(_ERRORS, match=message):
+    trainer.train_and_evaluate(_config(data_dir, overrides), workdir)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '0'))
+
+
+def _parse_train_py_flags(*args):
+  """train.py's --config flag, parsed in-process on its own FlagValues."""
+  argv = ['train.py', f'--config={ROOT}/configs/quickstart.py', *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values,
+                                   lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('--config.batchsize=64', 'Did you mean "batch_size" instead of "batchsize"'),
+    ('--config.lr.bsae=0.1', 'Did you mean "base" instead of "bsae"'),
+    ('--config.batch_size=sixty', 'config.batch_size=sixty: invalid literal for int'),
+])
+def test_command_line_rejects_unknown_keys_and_wrong_types(arg, message):
+  # Unknown keys: the configs are locked ConfigDicts (configs/common.py).
+  with pytest.raises((AttributeError, flags.Error), match=message):
+    _parse_train_py_flags(arg)
+  assert _parse_train_py_flags('--config.batch_size=64').batch_size == 64
+
