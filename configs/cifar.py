@@ -14,19 +14,16 @@ Other models: see the ViT paper (Table 2, App. D) and the AugReg paper; no numbe
 quoted here that this project has not checked against its source.
 """
 
-from configs import finetune
+from configs import vit_paper
 
-MODELS = ('ViT-Ti_16', 'ViT-S_16', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16')
+MODELS = vit_paper.MODELS
 DATASETS = ('cifar10', 'cifar100')
 
 
 def get_config(arg: str = 'ViT-B_16,cifar10'):
-  model, dataset = (s.strip() for s in arg.split(','))
+  """`<model>,<cifar10|cifar100>`: configs/vit_paper.py's CIFAR rows."""
+  model, _, dataset = (s.strip() for s in arg.partition(','))
   if model not in MODELS or dataset not in DATASETS:
     raise ValueError(f'configs/cifar.py:<model>,<dataset> with model in {MODELS} '
                      f'and dataset in {DATASETS}; got {arg!r}')
-  config = finetune.get_config(model, dataset, steps=10_000, lr=0.01,
-                               image_size=384, train_split='train[:98%]',
-                               eval_splits='test')
-  config.lock()
-  return config
+  return vit_paper.get_config(f'{model},{dataset}')

@@ -10,12 +10,9 @@ this is the official repo's reference setup; on smaller hosts raise
 `--config.accum_steps` to keep the global batch at 512.
 """
 
-from configs import finetune
+from configs import vit_paper
 
 
 def get_config():
-  config = finetune.get_config(
-      'ViT-B_16', 'imagenet2012', steps=20_000, lr=0.03, image_size=384,
-      train_split='train[:99%]', eval_splits='validation')
-  config.lock()
-  return config
+  """configs/vit_paper.py:ViT-B_16,imagenet2012."""
+  return vit_paper.get_config('ViT-B_16,imagenet2012')

@@ -9,6 +9,10 @@ process decodes what after the cheap records are ordered and shared out.
     builders `fashion_mnist` (Debian's files) and `digits` (scikit-learn),
     which are prepared on first use. Records are read straight from the
     prepared TFRecord shards, honouring TFDS split slicing (`train[:98%]`).
+    With `config.tfds_reader='as_dataset'` records come from the builder's own
+    `as_dataset` instead: any TFDS file format, and `tfds.testing.mock_data`
+    (which fakes `as_dataset`, not the shards) works, at the cost of reading a
+    split in one fixed order (the window shuffle still applies).
   * `folder:/root`: see `folder.py`.
 
 Errors for a missing dataset or split are raised here, when the source is
@@ -30,6 +34,9 @@ from vit_jax.data import fashion_mnist
 from vit_jax.data import folder
 
 Record = dict[str, tf.Tensor]
+
+# How a TFDS dataset is read (config.tfds_reader); see the module docstring.
+TFDS_READERS = ('shards', 'as_dataset')
 
 OFFLINE_BUILDERS = {
     'fashion_mnist': fashion_mnist.FashionMnist,
@@ -87,13 +94,17 @@ class TfdsSource:
           f'Image feature {self._image_key!r} and a ClassLabel '
           f'{self._label_key!r}; its features are {info.features}.')
     self._image_feature = image
-    file_format = getattr(info.file_format, 'value', 'tfrecord')
-    if file_format != 'tfrecord':
-      raise ValueError(
-          f'Dataset {name!r} is stored as {file_format}; this pipeline reads '
-          'TFRecord shards. Prepare it with the default file format.')
+    self._check_file_format()
     self.class_names = tuple(label.names)
     self.image_shape = tuple(image.shape)
+
+  def _check_file_format(self) -> None:
+    file_format = getattr(self._builder.info.file_format, 'value', 'tfrecord')
+    if file_format != 'tfrecord':
+      raise ValueError(
+          f'Dataset {self.name!r} is stored as {file_format}; this pipeline reads '
+          "TFRecord shards. Prepare it with the default file format, or set "
+          "config.tfds_reader='as_dataset'.")
 
   def split_size(self, split: str) -> int:
     return self._split_info(split).num_examples
@@ -143,6 +154,54 @@ class TfdsSource:
             'label': tf.cast(example[self._label_key], tf.int32)}
 
 
+class TfdsAsDatasetSource(TfdsSource):
+  """A TFDS dataset read through `builder.as_dataset` (config.tfds_reader).
+
+  Records are `{'image': encoded bytes, 'label': int64}` in the builder's own
+  order; `shard_key` is ignored, so streamed training shuffles only within the
+  window. Split sizes come from the dataset's cardinality, which TFDS (and
+  `tfds.testing.mock_data`) always know.
+  """
+
+  def _check_file_format(self) -> None:
+    pass  # as_dataset reads every format TFDS writes.
+
+  def _as_dataset(self, split: str) -> tf.data.Dataset:
+    try:
+      # Only image (left encoded) and label are read from each example.
+      keys = {self._image_key: True, self._label_key: True}
+      return self._builder.as_dataset(
+          split=split, shuffle_files=False,
+          decoders=tfds.decode.PartialDecoding(
+              keys, decoders={self._image_key: tfds.decode.SkipDecoding()}))
+    except AssertionError as e:  # TFDS's "could not find data" check.
+      raise FileNotFoundError(
+          f'Dataset {self.name!r} is not prepared ({e}). Prepare it once where '
+          f'the network is reachable (`tfds build {self.name}`), or set '
+          'config.data_dir to a directory that holds it.') from e
+    except (KeyError, ValueError) as e:
+      raise ValueError(
+          f'Split {split!r} of dataset {self.name!r} is not available ({e}). '
+          f'Available splits: {sorted(self._builder.info.splits.keys())}.') from e
+
+  def split_size(self, split: str) -> int:
+    size = int(self._as_dataset(split).cardinality())
+    if size < 0:
+      raise ValueError(f'Split {split!r} of dataset {self.name!r} has no known '
+                       "size; use config.tfds_reader='shards'.")
+    return size
+
+  def records(self, split, shard_key=None):
+    del shard_key  # One fixed order; see the class docstring.
+    image_key, label_key = self._image_key, self._label_key
+    return self._as_dataset(split).map(
+        lambda ex: {'image': ex[image_key], 'label': ex[label_key]})
+
+  def decode(self, record):
+    return {'image': self._image_feature.decode_example(record['image']),
+            'label': tf.cast(record['label'], tf.int32)}
+
+
 @contextlib.contextmanager
 def _file_lock(path: str):
   """Serialises dataset preparation between processes on one machine."""
@@ -180,7 +239,8 @@ def _offline_builder(name: str,
   return cls(data_dir=data_dir)
 
 
-def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def _tfds_builder(name: str, data_dir: str | None,
+                  check_prepared: bool = True) -> tfds.core.DatasetBuilder:
   """The builder of a prepared, registered TFDS dataset (never downloads)."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -189,7 +249,7 @@ def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         f'Unknown dataset {name!r}: not a TFDS dataset name, not one of the '
         f'offline datasets {sorted(OFFLINE_BUILDERS)}, and not '
         "'folder:/path/to/root'. Check config.dataset.") from e
-  if not builder.is_prepared():
+  if check_prepared and not builder.is_prepared():
     flag = f' --data_dir={data_dir}' if data_dir else ''
     raise FileNotFoundError(
         f'Dataset {name!r} is not prepared (looked in {builder.data_dir}). '
@@ -207,6 +267,16 @@ def open_source(config) -> Source:
         name[len('folder:'):], train_split=config.train_split,
         channels=config.channels,
         skip_bad_images=config.get('skip_bad_images', False))
+  # .get: configs saved before the key existed read their shards.
+  reader = config.get('tfds_reader', 'shards')
+  if reader not in TFDS_READERS:
+    raise ValueError(f'config.tfds_reader={reader!r}; expected one of '
+                     f'{TFDS_READERS}.')
   if name in OFFLINE_BUILDERS:
-    return TfdsSource(name, _offline_builder(name, config.data_dir))
-  return TfdsSource(name, _tfds_builder(name, config.data_dir))
+    builder = _offline_builder(name, config.data_dir)
+  else:  # as_dataset reports a missing dataset itself (and mock_data fakes it).
+    builder = _tfds_builder(name, config.data_dir,
+                            check_prepared=reader == 'shards')
+  if reader == 'as_dataset':
+    return TfdsAsDatasetSource(name, builder)
+  return TfdsSource(name, builder)

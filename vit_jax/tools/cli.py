@@ -1,0 +1,96 @@
+"""Command-line plumbing shared by the tools: flags, model loading, errors.
+
+Each tool defines its flags on its own `absl.flags.FlagValues` (not the global
+FLAGS), so the tools can be imported side by side and run in-process by tests.
+A user error (missing file, undecodable image, wrong model) ends the tool with
+`error: <message>` and exit code 1, without a traceback; a bad flag with a usage
+line and exit code 2.
+"""
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+from absl import flags
+
+from vit_jax.tools import loading
+
+Main = Callable[[flags.FlagValues, list[str]], None]
+# Defines a tool's flags; gets argv because config_flags reads overrides from it.
+Define = Callable[[flags.FlagValues, list[str]], None]
+
+# What a user can get wrong; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, ImportError)
+
+
+def define_model_flags(fv: flags.FlagValues) -> None:
+  """--workdir | --checkpoint (with --model, --image_size, --class_names), --step."""
+  flags.DEFINE_string('workdir', None, 'A train.py workdir: model, image size '
+                      'and class names come from its saved config.',
+                      flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: '
+                       'the latest).', flag_values=fv)
+  flags.DEFINE_string('checkpoint', None, 'A released-layout .npz (e.g. from '
+                      'vit_jax.tools.export); needs --model and --image_size.',
+                      flag_values=fv)
+  flags.DEFINE_string('model', None, 'Registered model name of --checkpoint, '
+                      'e.g. ViT-B_16.', flag_values=fv)
+  flags.DEFINE_integer('image_size', None, 'Input resolution --checkpoint was '
+                       'trained at, e.g. 384.', flag_values=fv)
+  flags.DEFINE_string('class_names', None, 'Text file with one class name per '
+                      'line for --checkpoint (default: class indices).',
+                      flag_values=fv)
+
+
+def load_model(fv: flags.FlagValues) -> loading.TrainedModel:
+  """The model the --workdir or --checkpoint flags name."""
+  if bool(fv.workdir) == bool(fv.checkpoint):
+    raise ValueError('give exactly one of --workdir=DIR or --checkpoint=FILE.npz')
+  if fv.workdir:
+    return loading.load_workdir(fv.workdir, fv.step)
+  if fv.step is not None:
+    raise ValueError('--step picks a checkpoint of --workdir; a --checkpoint '
+                     'file holds one set of params.')
+  if not fv.model or not fv.image_size:
+    raise ValueError('--checkpoint needs --model (e.g. ViT-B_16) and '
+                     '--image_size (e.g. 384).')
+  return loading.load_released(fv.checkpoint, fv.model, fv.image_size,
+                               class_names_file=fv.class_names)
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops orbax's chatter about read-only managers and partial restores."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or '/orbax/' not in record.pathname
+
+
+_QUIET = _QuietLibraries()  # One instance: addFilter ignores a repeat.
+
+
+def run(define: Define, main: Main, argv: Optional[Sequence[str]] = None,
+        doc: str = '') -> int:
+  """Parses `argv` (default sys.argv) with the tool's flags and runs `main`.
+
+  `doc` (the tool's module docstring) and the flags are printed for --help.
+  Returns the exit code: 0, 1 for a user error, 2 for bad flags.
+  """
+  argv = list(sys.argv if argv is None else argv)
+  logging.getLogger('absl').addFilter(_QUIET)
+  fv = flags.FlagValues()
+  define(fv, argv)
+  if {'-h', '--help', '--helpfull'} & set(argv[1:]):
+    print(f'{doc.strip()}\n\nFlags:\n{fv.get_help()}')
+    return 0
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    print(f'usage error: {e}\nTry --help.', file=sys.stderr)
+    return 2
+  try:
+    main(fv, rest[1:])
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0

@@ -1,0 +1,103 @@
+"""Top-1, top-5 and loss of a checkpoint on any split, without training.
+
+    python -m vit_jax.tools.evaluate --config=configs/quickstart.py \\
+        --checkpoint=runs/quickstart --split=test,train[:5000]
+    python -m vit_jax.tools.evaluate --config=configs/vit_b16.py \\
+        --checkpoint=imagenet21k+imagenet2012_ViT-B_16.npz --split=validation \\
+        --json_out=eval.json
+    python -m vit_jax.tools.evaluate --checkpoint=runs/quickstart  # saved config
+
+`--checkpoint` is a train.py workdir (latest or `--step`) or an `.npz` in any
+layout `checkpoint.load_npz` reads, holding a model of the config's
+`model` with a head for the config's dataset. Without `--config` a workdir's
+saved config is used. Config values can be overridden as in train.py
+(`--config.eval_batch_size=512`, `--config.data_dir=...`). The numbers come from
+the trainer's own `evaluate` and eval step: every example of the split counted
+once, over every device. Prints the metrics as JSON.
+"""
+
+import json
+import sys
+from typing import Any, Optional
+
+from absl import flags
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from vit_jax import data
+from vit_jax import models
+from vit_jax import parallel
+from vit_jax import steps
+from vit_jax import trainer
+from vit_jax.tools import cli
+from vit_jax.tools import loading
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  config_flags.DEFINE_config_file(
+      'config', None, 'Training config file (see configs/); default: the '
+      "--checkpoint workdir's saved config.", flag_values=fv, lock_config=True,
+      sys_argv=argv)
+  flags.DEFINE_string('checkpoint', None, 'A workdir or an .npz file.',
+                      flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step of a workdir (default: '
+                       'the latest).', flag_values=fv)
+  flags.DEFINE_string('split', None, "Split(s) to evaluate, comma-separated, "
+                      "e.g. 'test' or 'train[:10%],test' (default: the "
+                      "config's eval_splits).", flag_values=fv)
+  flags.DEFINE_string('json_out', None, 'Also write the metrics to this JSON '
+                      'file.', flag_values=fv)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
+                        *, splits: Optional[list[str]] = None,
+                        step: Optional[int] = None) -> dict[str, float]:
+  """`eval_<split>_{top1,top5,loss,count}` of the checkpoint on each split."""
+  config = ml_collections.ConfigDict(config)  # A copy: the eval splits change.
+  if splits:
+    config.eval_splits = ','.join(splits)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.eval_batch_size, mesh)
+  info = data.get_dataset_info(config)  # Fails on a missing dataset or split.
+  model = models.create_model(config.model, info.num_classes)
+  models.check_image_size(config.model, config.image_size)
+  params = loading.load_params_any(checkpoint_path, step)
+  loading.check_params_fit(
+      model, params, (config.image_size, config.image_size, config.channels),
+      checkpoint_path, hint=f'config model {config.model.name} with '
+      f'{info.num_classes} classes of {config.dataset}')
+  replicated = parallel.replicated(mesh)
+  params = jax.device_put(params, replicated)
+  eval_step = jax.jit(
+      steps.make_eval_step(model, num_classes=info.num_classes),
+      in_shardings=(replicated, parallel.batch_sharding(mesh)),
+      out_shardings=replicated)
+  results: dict[str, float] = {}
+  for split in data.info.eval_splits(config):
+    results.update(trainer.evaluate(eval_step, params, config, split, mesh))
+  return results
+
+
+def main(fv: flags.FlagValues, args: list[str]) -> None:
+  if args:
+    raise ValueError(f'unexpected arguments {args}')
+  if not fv.checkpoint:
+    raise ValueError('--checkpoint (a workdir or an .npz file) is required')
+  config = fv.config
+  if config is None:
+    config = loading.saved_config(fv.checkpoint, fv.step)
+  splits = [s.strip() for s in fv.split.split(',')] if fv.split else None
+  results = evaluate_checkpoint(config, fv.checkpoint, splits=splits,
+                                step=fv.step)
+  report: dict[str, Any] = dict(results, checkpoint=fv.checkpoint,
+                                dataset=config.dataset)
+  text = json.dumps(report, indent=2, sort_keys=True)
+  print(text)
+  if fv.json_out:
+    with open(fv.json_out, 'w') as f:
+      f.write(text + '\n')
+
+
+if __name__ == '__main__':
+  sys.exit(cli.run(define_flags, main, doc=__doc__))
