@@ -29,6 +29,7 @@ from vit_jax.npz_layouts import POSEMB_KEY
 from vit_jax.npz_layouts import Params
 from vit_jax.npz_layouts import convert_to_released_layout
 from vit_jax.npz_layouts import flatten_params
+from vit_jax.npz_layouts import summarize_names
 from vit_jax.npz_layouts import unflatten_params
 from vit_jax.posemb_resize import resize_posemb
 
@@ -152,25 +153,30 @@ class LoadReport:
 
   def summary(self) -> str:
     resized = ', '.join(f'{k} {a}->{b}' for k, (a, b) in self.resized.items())
-    return (f'{len(self.loaded) + len(self.resized)} tensors loaded; '
-            f'resized: [{resized}]; re-initialised: {self.reinitialised}; '
-            f'left out: {self.left_out}')
+    return (f'loaded {len(self.loaded)}: {summarize_names(self.loaded)}; '
+            f'resized {len(self.resized)}: {resized or "none"}; '
+            f're-initialised {len(self.reinitialised)}: '
+            f'{summarize_names(self.reinitialised)}; '
+            f'left out {len(self.left_out)}: {summarize_names(self.left_out)}')
 
 
 def load_pretrained(
-    path: str | epath.PathLike,
+    path: str | epath.PathLike | Mapping[str, Any],
     init_params: Mapping[str, Any],
     *,
     keep_pre_logits: bool | None = None,
     posemb_method: str = 'linear',
     posemb_grid: tuple[int, int] | None = None,
     ckpt_posemb_grid: tuple[int, int] | None = None,
+    source: str = 'the pre-trained params',
     log: Callable[[str], Any] = logging.info,
 ) -> tuple[Params, LoadReport]:
   """Builds fine-tuning params: the checkpoint's backbone, the model's head.
 
   Args:
-    path: released, Linen or big_vision `.npz` file.
+    path: released, Linen or big_vision `.npz` file, or an already loaded
+      params tree (nested or flat '/'-joined names in any of those layouts,
+      e.g. `checkpoint.load_params` of a workdir).
     init_params: freshly initialised params of the model to fine-tune (concrete
       arrays: head and re-initialised pre_logits values are taken from here).
     keep_pre_logits: None (default) keeps the checkpoint's `pre_logits` if the
@@ -180,7 +186,9 @@ def load_pretrained(
     posemb_method: 'linear' (reference) or 'bicubic' (timm); see resize_posemb.
     posemb_grid: the model's patch grid (h, w) when it is not square.
     ckpt_posemb_grid: the checkpoint's patch grid when it is not square.
-    log: receives one summary line.
+    source: what to call a `path` given as a tree in messages.
+    log: receives one line listing what was loaded, resized, re-initialised
+      and left out.
 
   Returns:
     (params, report): nested dicts of numpy arrays with init_params' structure
@@ -194,7 +202,11 @@ def load_pretrained(
     raise ValueError("Pass variables['params'] as init_params, not the whole "
                      'variables dict.')
   init = flatten_params(init_params)
-  ckpt = convert_to_released_layout(_read_npz(path))
+  if isinstance(path, Mapping):
+    ckpt = convert_to_released_layout(flatten_params(path))
+    path = source
+  else:
+    ckpt = convert_to_released_layout(_read_npz(path))
 
   model_has_pre_logits = any(k.startswith('pre_logits/') for k in init)
   file_has_pre_logits = any(k.startswith('pre_logits/') for k in ckpt)

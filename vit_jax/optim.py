@@ -3,17 +3,14 @@
 Everything here is a pure function of the config (or of arrays), so the trainer can
 build the optimizer once and call the loss and accumulation helpers inside `jit`.
 
-Which parameters a rule applies to is decided by regular expressions over
-'/'-joined parameter paths (`head/kernel`,
-`Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`), the same names the released
-checkpoints use. `regex_mask` is that one mechanism; weight decay uses it today and
-later rules (frozen parameters, per-parameter lr multipliers) are meant to reuse it.
+Which parameters weight decay, freezing and lr multipliers apply to is data: regexes
+over parameter paths, see vit_jax.param_rules (`regex_mask` and `tree_paths` are
+re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable
 
 import jax
@@ -21,47 +18,17 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vit_jax.param_rules import check_param_rules
+from vit_jax.param_rules import regex_mask
+from vit_jax.param_rules import scale_by_lr_multipliers
+from vit_jax.param_rules import tree_paths  # noqa: F401  (re-export)
+
 PyTree = Any
 
 SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 # rsqrt decay timescale when there is no warmup to take it from (config.lr.timescale).
 DEFAULT_RSQRT_TIMESCALE = 10_000
-
-
-# --------------------------------------------------------------------------------
-# Parameter paths and regex rules.
-# --------------------------------------------------------------------------------
-def _key_name(key: Any) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def tree_paths(tree: PyTree) -> PyTree:
-  """Returns a tree like `tree` whose leaves are their '/'-joined paths.
-
-  Rules (weight decay, and later freezing or lr multipliers) are written against
-  these names, so they read like the keys of a released .npz checkpoint.
-  """
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: '/'.join(_key_name(k) for k in path), tree)
-
-
-def regex_mask(params: PyTree, pattern: str) -> PyTree:
-  """Returns a tree of bools: True where the parameter's path matches `pattern`.
-
-  Matching uses `re.fullmatch`: the pattern must describe the whole path, so a rule
-  `head/.*` never catches `prehead/kernel` by accident, and `kernel` alone matches
-  only a top-level `kernel` (write `.*/kernel` for every kernel). An empty pattern
-  matches nothing.
-  """
-  if not pattern:
-    return jax.tree_util.tree_map(lambda _: False, params)
-  regex = re.compile(pattern)
-  return jax.tree_util.tree_map(
-      lambda name: regex.fullmatch(name) is not None, tree_paths(params))
 
 
 # --------------------------------------------------------------------------------
@@ -124,7 +91,16 @@ def make_optimizer(
 
   Chain, in order: global-norm clipping (`grad_clip_norm`, 0 disables) -> the
   optimizer's update direction (`optim.name`) -> weight decay -> scaling by
-  -schedule(step). The trainer logs `learning_rate` as `schedule(step)`.
+  -schedule(step) -> per-parameter lr factors. The trainer logs `learning_rate`
+  as `schedule(step)`, the base rate before the factors.
+
+  Parameter rules (regexes over '/'-joined paths, see `check_param_rules`):
+    frozen: matching params get zero updates. They are split off before the
+      chain (optax.multi_transform), so they hold no optimizer state, take no
+      weight decay and do not count in the clipping norm.
+    lr_mults: ((regex, factor), ...), first match wins; the factor scales the
+      final update, i.e. that parameter's learning rate (and its decoupled decay).
+    layer_decay: factor layer_decay ** (top - depth) per parameter (`layer_ids`).
 
   Weight decay (`weight_decay`, on params whose path fully matches `wd_mask`):
     sgd, adamw: decoupled and multiplied by the learning rate (AdamW, Loshchilov &
@@ -138,8 +114,9 @@ def make_optimizer(
   Args:
     config: the training config (see configs/common.py).
     total_steps: length of the run, for the schedule.
-    params: optional params tree; if given, a `wd_mask` that selects no parameter
-      while weight_decay > 0 is reported as an error instead of silently ignored.
+    params: optional params tree (arrays or ShapeDtypeStructs); if given, a rule
+      that selects no parameter (wd_mask while weight_decay > 0, frozen,
+      lr_mults) is reported as an error instead of silently ignored.
   """
   opt = config.optim
   if opt.name not in OPTIMIZERS:
@@ -150,10 +127,7 @@ def make_optimizer(
   if wd < 0:
     raise ValueError(f'weight_decay must be >= 0, got {wd}.')
   acc_dtype = jnp.dtype(opt.accumulator_dtype)
-  if params is not None and wd > 0:
-    if not any(jax.tree_util.tree_leaves(regex_mask(params, config.wd_mask))):
-      raise ValueError(f'wd_mask {config.wd_mask!r} matches no parameter; '
-                       f'names look like {jax.tree_util.tree_leaves(tree_paths(params))[:3]}.')
+  check_param_rules(config, params)
 
   schedule = make_schedule(config, total_steps)
   decay = optax.add_decayed_weights(
@@ -177,7 +151,19 @@ def make_optimizer(
   if decay is not None:
     chain.append(decay)  # Decoupled: after the update direction, scaled by lr.
   chain.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  if config.frozen:
+    frozen = config.frozen
+    tx = optax.multi_transform(
+        {'train': tx, 'frozen': optax.set_to_zero()},
+        lambda p: jax.tree_util.tree_map(lambda f: 'frozen' if f else 'train',
+                                         regex_mask(p, frozen)))
+  if config.lr_mults or config.layer_decay != 1:
+    # After the split: the factors see the whole tree, so depths stay right
+    # when whole blocks are frozen.
+    tx = optax.chain(tx, scale_by_lr_multipliers(config.lr_mults,
+                                                 config.layer_decay))
+  return tx, schedule
 
 
 # --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import scipy.ndimage
 
 # Cubic convolution coefficient used by torch (and therefore timm).
 _TORCH_CUBIC_A = -0.75
+METHODS = ('linear', 'bicubic')
 
 
 def resize_posemb(

@@ -1,0 +1,49 @@
+"""Transfer demo, step 2: fine-tune the Fashion-MNIST ViT on 300 digits.
+
+    python train.py --config=configs/transfer/digits_finetune.py \
+        --workdir=runs/transfer/digits_finetune \
+        --config.pretrained_path=runs/transfer/fashion_mnist_pretrain
+
+`pretrained_path` is the workdir of configs/transfer/fashion_mnist_pretrain.py
+(the default above) or any checkpoint `load_pretrained` reads. scikit-learn's
+8x8 digits are upsampled to 32 px: with 4x4 patches the 7x7 patch grid of the
+28 px pre-training becomes 8x8, so the position embedding is resized; the
+10-class Fashion-MNIST head is replaced by a fresh (zero) one. Only the first
+300 of the 1,297 training digits are used; all 500 test digits are evaluated.
+configs/transfer/digits_scratch.py is the same run from a random init.
+Measured numbers: README, "Fine-tuning".
+"""
+
+import ml_collections
+
+from configs import common
+from configs import quickstart
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = common.get_config()
+  config.model = quickstart.get_config().model  # The pre-trained architecture.
+  config.pretrained_path = 'runs/transfer/fashion_mnist_pretrain'
+  config.dataset = 'digits'
+  config.train_split = 'train[:300]'
+  config.eval_splits = 'test'
+  config.image_size = 32
+  config.channels = 1
+  config.pp.train_crop = 'random'  # Resize to 37 px, random 32 px crop.
+  config.pp.flip = False           # Mirrored digits are other symbols.
+
+  config.batch_size = 64
+  config.total_steps = 200
+  config.optim.name = 'adamw'
+  config.lr.base = 1e-3
+  config.lr.warmup_steps = 20
+  config.lr.schedule = 'cosine'
+  config.weight_decay = 0.05
+  config.grad_clip_norm = 1.0
+
+  config.log_every = 20
+  config.eval_every = 100
+  config.checkpoint_every = 200
+  config.eval_batch_size = 256
+  config.lock()
+  return config

@@ -1,0 +1,19 @@
+"""Transfer demo baseline: configs/transfer/digits_finetune.py from a random init.
+
+    python train.py --config=configs/transfer/digits_scratch.py \
+        --workdir=runs/transfer/digits_scratch
+
+Same model, data (300 training digits at 32 px), optimizer and steps as the
+fine-tuning run; only `pretrained_path` is empty. Measured numbers: README,
+"Fine-tuning".
+"""
+
+import ml_collections
+
+from configs.transfer import digits_finetune
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = digits_finetune.get_config()
+  config.pretrained_path = ''
+  return config
