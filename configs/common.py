@@ -21,7 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
   # under `model` overrides a field of that variant (e.g. dropout_rate, classifier).
   config.model = ml_collections.ConfigDict()
   config.model.name = 'ViT-Ti_16'
+  # Fine-tuning start (vit_jax.checkpoint.load_pretrained): a released / Linen /
+  # big_vision .npz, or a workdir of ours (its checkpoints/, or checkpoints/<step>).
+  # The head is always re-initialised for the new classes.
   config.pretrained_path = ''      # '' = train from scratch.
+  config.pretrained_keep_pre_logits = ml_collections.FieldReference(None, field_type=bool)
+  #                                  None: keep the file's pre_logits if the model has
+  #                                  that layer; True: require it; False: fresh.
+  config.pretrained_posemb_resize = 'linear'  # 'linear' (reference) | 'bicubic' (timm)
 
   # Data. `dataset` is a TFDS name ('cifar10', 'fashion_mnist', 'digits') or
   # 'folder:/path/to/root' for an image folder (root/<split>/<class>/*.jpg).
@@ -35,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.cache = True              # Cache decoded examples in memory (small datasets).
   config.prefetch = 2
   config.skip_bad_images = False   # Image folders: skip unreadable files (warn), not fail.
+  config.tfds_reader = 'shards'    # 'shards' | 'as_dataset' (any TFDS format, mock_data).
   config.pp = ml_collections.ConfigDict()
   config.pp.train_crop = 'inception'   # 'inception' | 'random' | 'resize'
   config.pp.area_min = 0.05            # Inception crop: smallest area fraction.
@@ -63,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 1.0      # Global-norm clipping; 0 disables.
   config.weight_decay = 0.0        # Decoupled; multiplied by the learning rate.
   config.wd_mask = '.*/kernel$'    # Regex over '/'-joined param paths that decay.
+  # Parameter rules (vit_jax.param_rules): regexes over '/'-joined param paths.
+  config.frozen = ''               # Matching params get no updates ('' = none).
+  config.lr_mults = ()             # ((regex, factor), ...): first match scales its lr.
+  config.layer_decay = 1.0         # lr x decay**(top - depth); 1 disables (BEiT style).
   config.label_smoothing = 0.0
 
   # Parallelism.
@@ -72,7 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 50
   config.eval_every = 1000
   config.checkpoint_every = 1000
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3      # >= 2 lets a resume fall back past a damaged latest one.
+  # A step whose loss or gradient norm is NaN/Inf: 'stop' ends the run (exit
+  # non-zero, naming the step; nothing after it is saved) | 'skip_step' leaves
+  # params and optimizer state unchanged for that step and counts it
+  # (`skipped_steps` in metrics.jsonl).
+  config.nan_policy = 'stop'
   config.eval_batch_size = 256
   config.peak_flops = ml_collections.FieldReference(None, field_type=float)  # per device; None = auto
   config.write_plot = True

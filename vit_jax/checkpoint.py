@@ -1,25 +1,35 @@
 """Checkpoints: Orbax train-state checkpoints and the released `.npz` format.
 
 A workdir holds `checkpoints/<step>/` written by an Orbax `CheckpointManager`
-with three items: `params`, `train` (step, optimizer state, rng) and `meta` (JSON:
-the config and what is needed to check that a resume is consistent). Keeping
-`params` apart lets `load_params` read a model without its optimizer state.
+with three items: `params`, `train` (step, optimizer state, rng, non-finite
+counters) and `meta` (JSON: the config and what is needed to check that a resume
+is consistent). Keeping `params` apart lets `load_params` read a model without its
+optimizer state.
 
-The `.npz` functions (`save_npz`, `load_npz`, `load_pretrained`, `resize_posemb`)
-live in vit_jax.checkpoint_npz and are re-exported here.
+Orbax writes each step into a temporary directory and renames it when complete,
+so a killed save leaves no half-written `<step>/`. What a rename cannot catch --
+a file truncated or garbled later -- is caught on restore: `meta` records the
+state's layout (name -> shape, dtype) and a digest of its bytes, and `restore`
+checks both (vit_jax.resume falls back past a checkpoint that fails).
+
+The `.npz` functions (`save_npz`, `load_npz`, `resize_posemb`) live in
+vit_jax.checkpoint_npz and are re-exported here; `load_pretrained` here adds our
+own workdirs as a fine-tuning source to the `.npz` files it reads there.
 """
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Callable, Optional, Union
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_jax import checkpoint_npz
 from vit_jax.checkpoint_npz import LoadReport  # noqa: F401  (re-export)
 from vit_jax.checkpoint_npz import load_npz  # noqa: F401
-from vit_jax.checkpoint_npz import load_pretrained  # noqa: F401
 from vit_jax.checkpoint_npz import resize_posemb  # noqa: F401
 from vit_jax.checkpoint_npz import save_npz  # noqa: F401
 
@@ -27,69 +37,196 @@ CHECKPOINT_DIR = 'checkpoints'
 
 
 def checkpoint_dir(path: str) -> epath.Path:
-  """`path` itself if it is a checkpoints dir, else `path/checkpoints`."""
+  """`path` itself if it is a checkpoints dir, else `path/checkpoints`.
+
+  Local paths are made absolute: Orbax's tensorstore refuses relative ones, and
+  `--workdir=runs/x` is how people type them.
+  """
   path = epath.Path(path)
+  if '://' not in str(path):
+    path = path.absolute()
   return path if path.name == CHECKPOINT_DIR else path / CHECKPOINT_DIR
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 3,
                  async_save: bool = True) -> ocp.CheckpointManager:
-  """The manager of `workdir/checkpoints` (created if missing)."""
+  """The manager of `workdir/checkpoints` (created if missing).
+
+  Temporary directories of saves that never finished (the process was killed)
+  are removed at start. Old steps are removed only after a newer save has
+  been committed, so the newest complete checkpoint always survives.
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True,
-      enable_async_checkpointing=async_save)
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
       item_names=('params', 'train', 'meta'))
 
 
+class CorruptCheckpointError(ValueError):
+  """A checkpoint that cannot be read, or whose bytes differ from what was saved."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint of another model or optimizer (not a damaged one)."""
+
+
+def _train_item(state: Any) -> dict[str, Any]:
+  """Every TrainState field but params: step, opt_state, rng, counters."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.name != 'params'}
+
+
+def layout(state: Any) -> dict[str, str]:
+  """'item/path' -> 'shape dtype' for every array of a (possibly abstract) state."""
+  items = {'params': state.params, 'train': _train_item(state)}
+  flat, _ = jax.tree_util.tree_flatten_with_path(items)
+  return {jax.tree_util.keystr(path, simple=True, separator='/'):
+          f'{tuple(x.shape)} {jnp.dtype(x.dtype).name}' for path, x in flat}
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+  """sum_i (2i+1) * word_i mod 2**32 over x's bytes read as unsigned words.
+
+  Integer sums are exact, so the digest does not depend on how XLA orders the
+  reduction or shards the array; odd weights make any single changed word
+  change the digest, and weights by position catch moved blocks.
+  """
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  width = jnp.dtype(x.dtype).itemsize
+  words = jax.lax.bitcast_convert_type(
+      x, {1: jnp.uint8, 2: jnp.uint16}.get(width, jnp.uint32))
+  words = words.astype(jnp.uint32).ravel()
+  weights = jnp.arange(words.size, dtype=jnp.uint32) * 2 + 1
+  return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _tree_digest(tree: Any) -> jax.Array:
+  leaves = [_leaf_digest(x) for x in jax.tree.leaves(tree)]
+  weights = jnp.arange(len(leaves), dtype=jnp.uint32) * 2 + 1
+  return jnp.sum(jnp.stack(leaves) * weights, dtype=jnp.uint32)
+
+
+def digest(state: Any) -> dict[str, int]:
+  """A 32-bit digest of the bytes of each saved item ('params', 'train')."""
+  items = {'params': state.params, 'train': _train_item(state)}
+  return {name: int(jax.device_get(_tree_digest(tree)))
+          for name, tree in items.items()}
+
+
 def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any]) -> None:
-  """Saves `state` (a steps.TrainState) at its step, asynchronously."""
+  """Saves `state` (a steps.TrainState) at its step, asynchronously.
+
+  `meta` is stored with the state's layout and digest added, for `restore`.
+  """
   step = int(jax.device_get(state.step))
+  meta = dict(meta, layout=layout(state), digest=digest(state))
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(state.params),
-      train=ocp.args.StandardSave(
-          {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}),
+      train=ocp.args.StandardSave(_train_item(state)),
       meta=ocp.args.JsonSave(meta)))
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
-            step: Optional[int] = None) -> tuple[Any, dict[str, Any]]:
+            step: Optional[int] = None,
+            check_meta: Optional[Callable[[dict[str, Any]], None]] = None
+            ) -> tuple[Any, dict[str, Any]]:
   """Restores the state at `step` (default latest) into `abstract_state`'s shardings.
+
+  Reads `meta` first: `check_meta(meta)` may refuse the checkpoint (another
+  run), and a layout that differs from `abstract_state`'s is reported as
+  IncompatibleCheckpointError before any array is read, so a changed model is
+  never mistaken for a damaged checkpoint.
 
   Args:
     abstract_state: a TrainState of `jax.ShapeDtypeStruct`s with shardings, e.g.
       `jax.eval_shape` of the init function with shardings attached.
+    check_meta: raises if `meta` belongs to a different run.
   Returns:
     (state, meta).
+  Raises:
+    IncompatibleCheckpointError: another model or optimizer structure.
+    CorruptCheckpointError: the restored bytes differ from the saved digest.
+    Exception: whatever Orbax raises for unreadable files.
   """
   step = manager.latest_step() if step is None else step
-  train_target = {'step': abstract_state.step,
-                  'opt_state': abstract_state.opt_state, 'rng': abstract_state.rng}
+  where = f'{manager.directory}/{step}'
+  meta = manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+  if check_meta is not None:
+    check_meta(meta)
+  if 'layout' in meta:
+    _check_layout(where, meta['layout'], layout(abstract_state))
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_state.params),
-      train=ocp.args.StandardRestore(train_target),
-      meta=ocp.args.JsonRestore()))
-  train = restored['train']
-  state = abstract_state.replace(
-      step=train['step'], params=restored['params'],
-      opt_state=train['opt_state'], rng=train['rng'])
-  return state, restored['meta']
+      train=ocp.args.StandardRestore(_train_item(abstract_state))))
+  state = abstract_state.replace(params=restored['params'], **restored['train'])
+  if 'digest' in meta and (found := digest(state)) != meta['digest']:
+    raise CorruptCheckpointError(
+        f'{where}: the restored arrays differ from the saved ones (digest '
+        f'{found} != {meta["digest"]}); a file was changed or truncated')
+  return state, meta
+
+
+def _check_layout(where: str, saved: dict[str, str], current: dict[str, str]) -> None:
+  if saved == current:
+    return
+  diffs = [f'{name}: checkpoint {saved.get(name, "absent")} vs config '
+           f'{current.get(name, "absent")}'
+           for name in sorted(set(saved) | set(current))
+           if saved.get(name) != current.get(name)]
+  shown = '\n  '.join(diffs[:10]) + (
+      f'\n  ... and {len(diffs) - 10} more' if len(diffs) > 10 else '')
+  raise IncompatibleCheckpointError(
+      f'{where} holds a train state of another model or optimizer '
+      f'({len(diffs)} arrays differ):\n  {shown}\nUse a new --workdir, or restore '
+      'the model/optimizer settings of the run that wrote it.')
 
 
 def load_params(path: str, step: Optional[int] = None) -> dict[str, Any]:
   """The params tree saved in a workdir (or its checkpoints/ dir), as numpy.
 
+  Works on any device count: the arrays are restored onto one host CPU device,
+  so params saved sharded over 8 accelerators load on a laptop.
+
   Args:
     path: a training workdir or its `checkpoints` directory.
     step: the step to read; default the latest.
   """
+  def args(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+        manager.item_metadata(step)['params'])
+    return {'params': ocp.args.StandardRestore(target)}
+
+  step, restored = _restore_read_only(path, step, args)
+  logging.info('Loaded params of step %d from %s', step, checkpoint_dir(path))
+  return jax.tree.map(np.asarray, restored['params'])
+
+
+def load_meta(path: str, step: Optional[int] = None) -> dict[str, Any]:
+  """The `meta` JSON of a workdir's checkpoint (its config under 'config')."""
+  _, restored = _restore_read_only(
+      path, step, lambda manager, step: {'meta': ocp.args.JsonRestore()})
+  return restored['meta']
+
+
+def _restore_read_only(
+    path: str, step: Optional[int],
+    make_args: Callable[[ocp.CheckpointManager, int], dict[str, Any]]
+) -> tuple[int, Any]:
+  """(step, items) restored from `step` (default latest) of a workdir."""
   directory = checkpoint_dir(path)
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoints at {directory}')
-  with ocp.CheckpointManager(directory, item_names=('params', 'train', 'meta'),
-                             options=ocp.CheckpointManagerOptions(read_only=True)
-                             ) as manager:
+  with ocp.CheckpointManager(
+      directory, item_names=('params', 'train', 'meta'),
+      item_handlers={'params': ocp.StandardCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f'no checkpoints at {directory}')
@@ -98,6 +235,44 @@ def load_params(path: str, step: Optional[int] = None) -> dict[str, Any]:
     elif step not in steps:
       raise ValueError(f'no checkpoint for step {step} in {directory}; have {sorted(steps)}')
     restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore()))
-  logging.info('Loaded params of step %d from %s', step, directory)
-  return jax.tree.map(np.asarray, restored['params'])
+        **make_args(manager, step)))
+  return step, restored
+
+
+def load_pretrained(path: Union[str, epath.PathLike], init_params: Any,
+                    **kwargs: Any) -> tuple[dict[str, Any], LoadReport]:
+  """Fine-tuning params from a released `.npz` or from one of our workdirs.
+
+  `path` is a released / Linen / big_vision `.npz`, a workdir, its
+  `checkpoints/` dir (latest step), or one step `checkpoints/<step>`. A workdir's
+  params go through the same head / pre_logits / posemb logic as a file, so
+  pre-training here and fine-tuning here is the released-checkpoint workflow.
+  Keyword arguments are those of `checkpoint_npz.load_pretrained`.
+
+  Raises:
+    FileNotFoundError: nothing at `path`, or a directory without checkpoints.
+    ValueError: the checkpoint is of another architecture (lists the tensors).
+  """
+  orbax = _orbax_source(path)
+  if orbax is None:
+    return checkpoint_npz.load_pretrained(path, init_params, **kwargs)
+  directory, step = orbax
+  tree = load_params(directory, step)
+  return checkpoint_npz.load_pretrained(tree, init_params, source=str(path),
+                                        **kwargs)
+
+
+def _orbax_source(path: Union[str, epath.PathLike]
+                  ) -> Optional[tuple[str, Optional[int]]]:
+  """(checkpoints dir, step or None) if `path` is ours, None for a file."""
+  path = epath.Path(path)
+  if not path.is_dir():
+    return None
+  if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
+    return str(path.parent), int(path.name)
+  if path.name == CHECKPOINT_DIR or (path / CHECKPOINT_DIR).is_dir():
+    return str(path), None
+  raise FileNotFoundError(
+      f'{path} is a directory without {CHECKPOINT_DIR}/: a pre-trained '
+      'checkpoint is an .npz file, a workdir, its checkpoints/ directory or '
+      'checkpoints/<step>.')

@@ -23,6 +23,9 @@ from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import param_rules
+from vit_jax import preemption
+from vit_jax import resume
 from vit_jax import steps
 from vit_jax import validation
 
@@ -55,7 +58,19 @@ def evaluate(eval_step, params: Any, config: ml_collections.ConfigDict,
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the configured model in `workdir`; returns final metrics."""
+  """Trains (or resumes) the configured model in `workdir`; returns final metrics.
+
+  A SIGTERM (preemption notice) while it runs makes it finish the current step,
+  save a checkpoint and return early (vit_jax.preemption); running it again
+  resumes exactly there. A NaN/Inf loss or gradient norm raises
+  FloatingPointError unless `config.nan_policy` is 'skip_step'.
+  """
+  with preemption.PreemptionWatch() as preempted:
+    return _train_and_evaluate(config, workdir, preempted)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        preempted: preemption.PreemptionWatch) -> dict[str, float]:
   # ----------------------------------------------------------------- checks
   # Everything here is cheap: a bad config fails in seconds, not after a compile.
   validation.check_config(config)
@@ -79,6 +94,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   init_fn = functools.partial(steps.create_train_state, model, tx, image_shape,
                               config.seed)
   abstract_state = jax.eval_shape(init_fn)
+  # Rules are regexes over parameter names: check them against the real names
+  # now (a rule that selects nothing is an error), before anything compiles.
+  param_rules.check_param_rules(config, abstract_state.params)
+  if config.frozen or config.lr_mults or config.layer_decay != 1:
+    logging.info(param_rules.describe_param_rules(config, abstract_state.params))
   state_sharding = parallel.state_shardings(abstract_state, mesh)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -86,16 +106,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # -------------------------------------- resume, or start (scratch/pretrained)
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state, meta = checkpoint.restore(manager, abstract_state)
-    validation.check_resume_meta(meta, config)
+  # The newest checkpoint that restores intact; damaged newer ones are moved
+  # aside with a warning, one of another run is refused.
+  restored = resume.restore_latest(
+      manager, abstract_state, workdir=workdir,
+      check_meta=lambda meta: validation.check_resume_meta(meta, config))
+  if restored is not None:
+    state, _ = restored
     logging.info('Resumed from %s at step %d', manager.directory,
                  int(state.step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)()
     if config.pretrained_path:
-      params, _ = checkpoint.load_pretrained(
-          config.pretrained_path, jax.device_get(state.params))
+      params, _ = checkpoint.load_pretrained(  # Logs what it loaded/resized.
+          config.pretrained_path, jax.device_get(state.params),
+          keep_pre_logits=config.pretrained_keep_pre_logits,
+          posemb_method=config.pretrained_posemb_resize)
       state = state.replace(params=jax.device_put(params, state_sharding.params))
   start_step = int(jax.device_get(state.step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -105,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_step = steps.make_train_step(
       model, tx, num_classes=info.num_classes,
       label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
-      parallelism=config.parallelism)
+      parallelism=config.parallelism, nan_policy=config.nan_policy)
   if config.parallelism == 'shard_map':
     train_step = parallel.shard_map_step(train_step, mesh)
   batch_sharding = parallel.batch_sharding(mesh)
@@ -143,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       start_step=start_step)
   meta = validation.resume_meta(config)
   final = {}
+  preempted_at = None
 
   def evaluate_all(step: int) -> None:
     for split in eval_splits:
@@ -152,6 +179,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       logging.info('step %d: %s', step, ', '.join(
           f'{k} {v:.4f}' for k, v in result.items()))
 
+  def stop_if_nonfinite() -> None:
+    # Before anything computed after a NaN/Inf step is logged, evaluated or
+    # saved; a save still in flight holds an earlier, finite state: finish it.
+    try:
+      validation.check_finite(state, config.nan_policy)
+    except FloatingPointError:
+      manager.wait_until_finished()
+      raise
+
+  def save_checkpoint() -> None:
+    stop_if_nonfinite()
+    checkpoint.save(manager, state, meta)
+
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.to_global_batch(next(train_iter), mesh)
     state, step_metrics = train_step(state, batch)
@@ -160,8 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       jax.block_until_ready(state)
       timer.reset(step)  # Throughput excludes the first (compile-bound) step.
     if step % config.log_every == 0 or step == total_steps:
+      stop_if_nonfinite()
       scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      validation.check_finite(scalars, step)
       scalars['learning_rate'] = float(schedule(step - 1))
       scalars.update(timer.lap(step))
       writer.write(step, scalars)
@@ -169,19 +209,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           step, total_steps, scalars, timer.elapsed_s,
           scalars.get('steps_per_sec', 0.0)))
     if step % config.eval_every == 0 or step == total_steps:
+      stop_if_nonfinite()
       evaluate_all(step)
       timer.reset(step)
-    if step % config.checkpoint_every == 0 or step == total_steps:
-      checkpoint.save(manager, state, meta)
+    saved = step % config.checkpoint_every == 0 or step == total_steps
+    if saved:
+      save_checkpoint()
       timer.reset(step)
+    if preempted.reached(step):  # Every step, on every process (same answer).
+      if not saved:
+        save_checkpoint()
+      preempted_at = step
+      break
 
   # ----------------------------------------------------------------- finish
   if start_step >= total_steps:  # Rerun of a finished workdir: report, train nothing.
     logging.info('Workdir already holds step %d of %d', start_step, total_steps)
     evaluate_all(start_step)
-  manager.wait_until_finished()
+  manager.wait_until_finished()  # A preemption's save is complete before we return.
   manager.close()
   writer.close()
+  if preempted_at is not None:
+    logging.warning('Preempted: saved step %d of %d in %s; run the same command '
+                    'to resume.', preempted_at, total_steps, manager.directory)
+    return final
   if is_main and config.write_plot:
     metrics.save_curves_plot(workdir)
   logging.info('Done at step %d: %s', total_steps, final)
