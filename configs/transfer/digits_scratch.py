@@ -4,7 +4,8 @@
         --workdir=runs/transfer/digits_scratch
 
 Same model, data (300 training digits at 32 px), optimizer and steps as the
-fine-tuning run; only `pretrained_path` is empty. Measured numbers: README,
+fine-tuning run; only `pretrained_path` is empty. Measured digits test top-1:
+76.4% (seed 0), 72.6% (seed 1), vs. 91.2% / 89.6% fine-tuned; see README,
 "Fine-tuning".
 """
 

@@ -6,7 +6,12 @@
 The model and recipe are configs/quickstart.py's (imported, not copied, so the
 two stay the same model), for a fixed budget of a few CPU minutes instead of the
 quickstart's epochs. Step 2 fine-tunes the workdir this writes on 300 digits:
-configs/transfer/digits_finetune.py. Measured numbers: README, "Fine-tuning".
+configs/transfer/digits_finetune.py.
+
+Measured (2-core shared CPU, 1 device, 172 img/s): 7m10s wall, Fashion-MNIST
+test top-1 67.8% after 500 steps of batch 128 (about one epoch). More steps make a
+better backbone; the transfer gain below was measured with this one.
+See README, "Fine-tuning".
 """
 
 import ml_collections
