@@ -27,7 +27,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common
+from tiny import tiny_config
+
 from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import metrics
@@ -213,27 +214,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
 
 
 def _config(data_dir, **overrides):
-  config = common.get_config()
-  config.model = models.model_section('ViT-test_4', num_layers=1)
-  config.dataset = 'digits'
-  config.data_dir = str(data_dir)
-  config.image_size = 16
-  config.channels = 1
-  config.pp.train_crop = 'resize'
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.eval_splits = 'test[:64]'
-  config.total_steps = 8
-  config.optim.name = 'adamw'
-  config.lr.base = 1e-3
-  config.lr.warmup_steps = 2
-  config.log_every = 4
-  config.eval_every = 8
-  config.checkpoint_every = 4
-  config.write_plot = False
-  config.update(overrides)
-  config.lock()
-  return config
+  """test_train's tiny config, one block, logging and saving every 4 steps."""
+  values = dict(model={'num_layers': 1}, eval_splits='test[:64]', log_every=4,
+                eval_every=8, checkpoint_every=4)
+  values.update(overrides)
+  return tiny_config(data_dir, **values)
 
 
 @pytest.fixture(scope='module')

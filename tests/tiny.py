@@ -1,0 +1,28 @@
+"""A tiny, fast training config on scikit-learn's digits, shared by the tests."""
+
+from configs import common
+from vit_jax import models
+
+
+def tiny_config(data_dir, **overrides):
+  """A few steps of a tiny ViT on scikit-learn's digits, upsampled to 16 px."""
+  config = common.get_config()
+  config.model = models.model_section('ViT-test_4')
+  config.dataset = 'digits'
+  config.data_dir = str(data_dir)
+  config.image_size = 16
+  config.channels = 1
+  config.pp.train_crop = 'resize'
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.total_steps = 8
+  config.optim.name = 'adamw'
+  config.lr.base = 1e-3
+  config.lr.warmup_steps = 2
+  config.log_every = 2
+  config.eval_every = 4
+  config.checkpoint_every = 4
+  config.write_plot = False
+  config.update(overrides)
+  config.lock()
+  return config
