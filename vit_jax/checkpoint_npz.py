@@ -7,6 +7,12 @@ one to one. `load_npz` also reads Linen-layout and big_vision files, converting
 their names (see `npz_layouts.convert_to_released_layout`). `load_pretrained`
 turns a pre-training checkpoint into fine-tuning params for a new task.
 
+Models built with `scan_layers=True` stack their encoder blocks on a leading
+axis (`Transformer/encoderblock/...`). Files are always written per block (the
+released layout), `load_npz` always returns per-block trees, and
+`load_pretrained` returns the layout of the `init_params` it is given;
+`stack_encoder_blocks` / `unstack_encoder_blocks` convert by hand.
+
 All paths go through `etils.epath`, so `gs://` works wherever TF's gfile does.
 """
 
@@ -29,14 +35,17 @@ from vit_jax.npz_layouts import POSEMB_KEY
 from vit_jax.npz_layouts import Params
 from vit_jax.npz_layouts import convert_to_released_layout
 from vit_jax.npz_layouts import flatten_params
+from vit_jax.npz_layouts import is_scanned
+from vit_jax.npz_layouts import stack_encoder_blocks
 from vit_jax.npz_layouts import summarize_names
 from vit_jax.npz_layouts import unflatten_params
+from vit_jax.npz_layouts import unstack_encoder_blocks
 from vit_jax.posemb_resize import resize_posemb
 
 __all__ = [
     'LoadReport', 'convert_to_released_layout', 'flatten_params',
     'load_npz', 'load_pretrained', 'resize_posemb', 'save_npz',
-    'unflatten_params',
+    'stack_encoder_blocks', 'unflatten_params', 'unstack_encoder_blocks',
 ]
 
 # Top-level modules that belong to the task, not to the pre-trained backbone.
@@ -49,6 +58,9 @@ _TASK_MODULES = ('head', 'pre_logits')
 def save_npz(path: str | epath.PathLike, params: Mapping[str, Any]) -> None:
   """Writes `params` (our names = released names) as a released `.npz`.
 
+  A scanned model's stacked blocks are written per block (`encoderblock_{i}`),
+  so every file this writes reads like a released one, whatever `scan_layers`.
+
   The file is written under a temporary name in the same directory and then
   renamed over `path`, so an existing checkpoint is never left half-written.
   bfloat16 and other non-numpy float types are stored as float32 (numpy cannot
@@ -56,7 +68,8 @@ def save_npz(path: str | epath.PathLike, params: Mapping[str, Any]) -> None:
   """
   if set(params) == {'params'}:
     raise ValueError("Pass variables['params'], not the whole variables dict.")
-  flat = {k: _numpy_dtype(k, v) for k, v in flatten_params(params).items()}
+  flat = {k: _numpy_dtype(k, v)
+          for k, v in flatten_params(unstack_encoder_blocks(params)).items()}
   if not flat:
     raise ValueError(f'Refusing to write {path}: params tree has no arrays.')
   path = epath.Path(path)
@@ -192,7 +205,8 @@ def load_pretrained(
 
   Returns:
     (params, report): nested dicts of numpy arrays with init_params' structure
-    and dtypes, and a `LoadReport`.
+    and dtypes (its encoder blocks stacked if init_params' are: a scanned
+    model), and a `LoadReport` (which names tensors per block).
 
   Raises:
     ValueError: the checkpoint misses or adds backbone tensors, or shapes
@@ -201,7 +215,10 @@ def load_pretrained(
   if set(init_params) == {'params'}:
     raise ValueError("Pass variables['params'] as init_params, not the whole "
                      'variables dict.')
-  init = flatten_params(init_params)
+  scanned = is_scanned(init_params)
+  # All matching happens in the released per-block layout; a scanned model's
+  # blocks are stacked again at the end.
+  init = flatten_params(unstack_encoder_blocks(init_params))
   if isinstance(path, Mapping):
     ckpt = convert_to_released_layout(flatten_params(path))
     path = source
@@ -256,7 +273,8 @@ def load_pretrained(
     raise ValueError(f'Shapes in {path} do not match the model:\n'
                      + '\n'.join(_clip(lines)) + _arch_hint(ckpt, init))
   log(f'Loaded pre-trained params from {path}: {report.summary()}')
-  return unflatten_params(params), report
+  tree = unflatten_params(params)
+  return (stack_encoder_blocks(tree) if scanned else tree), report
 
 
 def _names_message(path, missing, unexpected, ckpt, init) -> str:

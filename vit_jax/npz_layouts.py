@@ -8,6 +8,11 @@ big_vision) numbers them per class (`MultiHeadDotProductAttention_0`,
 posemb at the top level without a cls row, and may stack all blocks as
 `Transformer/encoderblock/...` along a leading [layers] axis.
 `convert_to_released_layout` maps the latter two to the first.
+
+A model built with `scan_layers=True` has that stacked layout (released module
+names inside `encoderblock/`); `stack_encoder_blocks` / `unstack_encoder_blocks`
+convert a params tree between it and the per-block one, and `match_block_layout`
+puts a tree into the layout of a given model's params.
 """
 
 from __future__ import annotations
@@ -114,11 +119,11 @@ def _big_vision_posemb(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _unstack_scanned_blocks(
-    flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Splits `Transformer/encoderblock/x` [L, ...] into `encoderblock_{i}/x`."""
   scanned = {k: v for k, v in flat.items() if k.startswith(_SCANNED_PREFIX)}
   if not scanned:
-    return flat
+    return dict(flat)
   if any(BLOCK_RE.match(k) for k in flat):
     raise ValueError('Checkpoint has both scanned (encoderblock/) and '
                      'unrolled (encoderblock_i/) encoder blocks.')
@@ -135,6 +140,99 @@ def _unstack_scanned_blocks(
     else:
       out[key] = value
   return out
+
+
+def _stack_blocks(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Inverse of `_unstack_scanned_blocks`: `encoderblock_{i}/x` -> [L, ...].
+
+  The stacked leaves take the place of block 0's, so the rest keeps its order.
+  Every block must hold the same names and shapes (a scanned model has one
+  block definition), numbered 0 .. L-1 without gaps.
+  """
+  if any(k.startswith(_SCANNED_PREFIX) for k in flat):
+    if any(BLOCK_RE.match(k) for k in flat):
+      raise ValueError('Params have both scanned (encoderblock/) and '
+                       'unrolled (encoderblock_i/) encoder blocks.')
+    return dict(flat)
+  blocks: dict[int, dict[str, np.ndarray]] = {}
+  for key, value in flat.items():
+    m = BLOCK_RE.match(key)
+    if m:
+      blocks.setdefault(int(m.group(1)), {})[f'{m.group(2)}/{m.group(3)}'] = value
+  if not blocks:
+    return dict(flat)
+  if sorted(blocks) != list(range(len(blocks))):
+    raise ValueError('Encoder blocks to stack must be numbered 0..L-1 without '
+                     f'gaps; got {sorted(blocks)}.')
+  first = blocks[0]
+  for i, block in blocks.items():
+    shapes = {k: np.shape(v) for k, v in block.items()}
+    if shapes != {k: np.shape(v) for k, v in first.items()}:
+      raise ValueError(f'encoderblock_{i} differs from encoderblock_0 in its '
+                       'names or shapes; only identical blocks can be stacked.')
+  out = {}
+  for key, value in flat.items():
+    m = BLOCK_RE.match(key)
+    if not m:
+      out[key] = value
+    elif m.group(1) == '0':
+      rest = f'{m.group(2)}/{m.group(3)}'
+      out[_SCANNED_PREFIX + rest] = np.stack(
+          [np.asarray(blocks[i][rest]) for i in range(len(blocks))])
+  return out
+
+
+def is_scanned(params: Mapping[str, Any]) -> bool:
+  """True if a nested or flat params tree stacks its encoder blocks.
+
+  Reads only the names, so `params` may be abstract (ShapeDtypeStructs).
+  """
+  if any(str(k).startswith(_SCANNED_PREFIX) for k in params):  # Flat names.
+    return True
+  transformer = params.get('Transformer')
+  return isinstance(transformer, Mapping) and 'encoderblock' in transformer
+
+
+def stack_encoder_blocks(params: Mapping[str, Any]) -> Params:
+  """Per-block params (`encoderblock_{i}/...`) -> a scanned model's layout.
+
+  Args:
+    params: nested params tree (numpy or jax leaves), e.g. from `load_npz`.
+  Returns:
+    Nested numpy tree where `Transformer/encoderblock/<module>/<leaf>` is
+    [num_layers, ...] (the leaves of blocks 0..L-1 stacked). A tree that is
+    already stacked, or has no encoder blocks (Mixer), comes back unchanged.
+  """
+  return unflatten_params(_stack_blocks(flatten_params(_nested(params))))
+
+
+def unstack_encoder_blocks(params: Mapping[str, Any]) -> Params:
+  """A scanned model's params -> the released per-block layout.
+
+  Inverse of `stack_encoder_blocks`; per-block trees come back unchanged.
+  """
+  return unflatten_params(
+      _unstack_scanned_blocks(flatten_params(_nested(params))))
+
+
+def match_block_layout(params: Mapping[str, Any],
+                       like: Mapping[str, Any]) -> Params:
+  """`params` with its encoder blocks stacked or unstacked as in `like`.
+
+  `like` is the params (or abstract params, `jax.eval_shape` of init) of the
+  model that will read them; this is the one call wherever a tree from a file
+  or workdir meets a model whose `scan_layers` may differ.
+  """
+  if is_scanned(like):
+    return stack_encoder_blocks(params)
+  return unstack_encoder_blocks(params)
+
+
+def _nested(params: Mapping[str, Any]) -> Mapping[str, Any]:
+  """A flat '/'-joined dict as a nested one; nested trees as they are."""
+  if any('/' in str(k) for k in params):
+    return unflatten_params(params)
+  return params
 
 
 def _rename_linen_blocks(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

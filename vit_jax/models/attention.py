@@ -17,8 +17,15 @@ import jax.numpy as jnp
 Dtype = Any
 
 # Implementations of the softmax(q k^T / sqrt(d)) v product:
-#   'xla'   : explicit einsum + softmax; can sow the attention probabilities.
-#   'fused' : jax.nn.dot_product_attention (fused kernels where the backend has them).
+#   'xla'   : explicit einsum + softmax in float32; sows the attention
+#             probabilities (`intermediates/.../attention_weights`).
+#   'fused' : jax.nn.dot_product_attention, which picks a fused kernel where the
+#             backend has one (cuDNN flash attention on GPU for bf16/fp16) and
+#             XLA's own composition elsewhere (CPU, TPU, float32 on GPU).
+#             Same params and, in float32, the same numbers to ~1e-6; in bf16 a
+#             fused kernel may round differently from 'xla'. It never sows
+#             weights, and it falls back to the explicit path while training
+#             with attention dropout > 0 (the fused call has no dropout).
 ATTENTION_IMPLS = ('xla', 'fused')
 
 
@@ -29,7 +36,9 @@ class MultiHeadDotProductAttention(nn.Module):
     num_heads: number of heads; hidden size must be divisible by it.
     dropout_rate: dropout on the attention probabilities (train only).
     dtype: compute dtype; parameters stay float32.
-    impl: one of ATTENTION_IMPLS. 'fused' has no attention dropout and does not sow.
+    impl: one of ATTENTION_IMPLS. 'fused' does not sow the attention weights
+      (tools that draw them clone the model with impl 'xla'; the params are the
+      same) and uses the explicit path when attention dropout is active.
   """
   num_heads: int
   dropout_rate: float = 0.0

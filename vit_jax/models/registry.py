@@ -3,6 +3,11 @@
 Variants are data, the model classes stay generic: `get_model_config('ViT-B_16')`
 gives the paper's hyperparameters and `create_model` turns any such config (plus
 overrides such as `classifier='gap'` or `dtype='bfloat16'`) into a Module.
+
+ViT configs also carry two compile-time switches that keep the numerics:
+`scan_layers` (encoder blocks as one nn.scan, stacked params) and
+`remat_policy` (one of vit.REMAT_POLICIES); both are validated here, before
+anything is traced.
 """
 
 import difflib
@@ -15,6 +20,7 @@ import ml_collections
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.resnet import stem_stride
 from vit_jax.models.vit import VisionTransformer
+from vit_jax.models.vit import check_remat_policy
 
 _REGISTRY: dict[str, Callable[[], ml_collections.ConfigDict]] = {}
 
@@ -56,7 +62,8 @@ def _vit_config(name: str, size: str, patch: int, **extra) -> ml_collections.Con
       name=name, model_type='vit', patch_size=(patch, patch), hidden_size=hidden,
       num_layers=layers, num_heads=heads, mlp_dim=mlp, dropout_rate=0.0,
       attention_dropout_rate=0.0, stochastic_depth=0.0, classifier='token',
-      posemb='learn', head_bias_init=0.0, dtype='float32', attention_impl='xla'))
+      posemb='learn', head_bias_init=0.0, dtype='float32', attention_impl='xla',
+      scan_layers=False, remat_policy='none'))
   # None-valued fields must exist before overrides can set them.
   config.representation_size = None
   config.resnet = None
@@ -157,7 +164,11 @@ def create_model(name_or_config: Union[str, ml_collections.ConfigDict],
     name_or_config: a registered name ('ViT-B_16'), a registry ConfigDict, or a
       training config's `model` section (`name` plus override keys).
     num_classes: size of the zero-initialised `head`; None returns features.
-    **overrides: fields to change, e.g. `classifier='gap'`, `dtype='bfloat16'`.
+    **overrides: fields to change, e.g. `classifier='gap'`, `dtype='bfloat16'`,
+      `scan_layers=True`, `remat_policy='dots_saveable'`.
+
+  Raises:
+    ValueError: unknown name, override, dtype or remat policy.
   """
   config = _resolve(name_or_config, overrides)
   if config.dtype not in _DTYPES:
@@ -167,6 +178,9 @@ def create_model(name_or_config: Union[str, ml_collections.ConfigDict],
   kwargs['patch_size'] = tuple(config.patch_size)
   if config.model_type == 'mixer':
     return MlpMixer(num_classes=num_classes, **kwargs)
+  check_remat_policy(config.remat_policy)
+  if not isinstance(config.scan_layers, bool):
+    raise ValueError(f'scan_layers must be True or False, got {config.scan_layers!r}')
   if kwargs['resnet'] is not None:
     kwargs['resnet'] = dict(num_layers=tuple(config.resnet.num_layers),
                             width_factor=config.resnet.width_factor)

@@ -30,6 +30,7 @@ import tensorflow as tf
 from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import models
+from vit_jax import npz_layouts
 from vit_jax.data import preprocess
 
 Params = dict[str, Any]
@@ -103,6 +104,11 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> TrainedModel:
   model = models.create_model(config.model, num_classes)
   image_shape = (config.image_size, config.image_size, config.channels)
   check_params_fit(model, params, image_shape, workdir)
+  if getattr(model, 'scan_layers', False):
+    # Scan and remat only speed up training; the tools read per-block names
+    # (attention maps: encoderblock_{i}/.../attention_weights).
+    model = model.clone(scan_layers=False, remat_policy='none')
+    params = npz_layouts.unstack_encoder_blocks(params)
   return TrainedModel(
       model=model, params=params,
       class_names=_dataset_class_names(config, num_classes),
