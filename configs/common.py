@@ -48,6 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.pp.area_min = 0.05            # Inception crop: smallest area fraction.
   config.pp.flip = True
   config.pp.eval_crop_fraction = 1.0   # < 1: resize to size/fraction, central crop.
+  # Train-only augmentation (vit_jax/data/augment.py), after crop and flip.
+  config.pp.randaugment_layers = 0     # Ops per image; 0 = off (AugReg: 2).
+  config.pp.randaugment_magnitude = 10.0  # [0, 30]; 10 = each op's reference max.
+  # Magnitude -> op argument (vit_jax/data/augment_rules.py): 'reference' =
+  # TF official / big_vision, what AugReg and plain-ViT numbers used;
+  # 'increasing' = every op grows with magnitude, 0 = identity (timm '-inc1').
+  config.pp.randaugment_rule = 'reference'
+  config.pp.random_erase_prob = 0.0    # DeiT: 0.25; one noise box, in [-1, 1] units.
 
   # Optimisation.
   config.batch_size = 512          # Global batch, across all devices and hosts.

@@ -17,6 +17,13 @@ Decoded images are uint8 in [0, 255]; `resize` returns float32 in [0, 255] and
                           padding;
   train_crop='resize'     plain resize to `size`;
   flip                    random horizontal flip;
+  randaugment_layers      > 0: RandAugment(layers, randaugment_magnitude) on
+                          the uint8 image after crop and flip (augment.py),
+                          magnitudes mapped to op arguments by
+                          randaugment_rule ('reference' = TF/big_vision,
+                          'increasing' = timm-style; augment_rules.py);
+  random_erase_prob       > 0: random erasing after the map to [-1, 1], so
+                          erased pixels are N(0, 1) noise in model units;
   eval                    resize to `size` or, if `eval_crop_fraction < 1`,
                           to `round(size / fraction)` and a central crop.
 """
@@ -24,6 +31,8 @@ Decoded images are uint8 in [0, 255]; `resize` returns float32 in [0, 255] and
 from collections.abc import Callable
 
 import tensorflow as tf
+
+from vit_jax.data import augment
 
 TRAIN_CROPS = ('inception', 'random', 'resize')
 
@@ -102,6 +111,21 @@ def to_model_range(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(image, tf.float32) / 127.5 - 1.0
 
 
+def _augment_settings(pp) -> tuple[int, float, float]:
+  """(randaugment_layers, randaugment_magnitude, random_erase_prob).
+
+  Defaults (off) when absent, so `pp` sections saved before these keys
+  existed, or written only for eval, still work.
+  """
+  return (pp.get('randaugment_layers', 0), pp.get('randaugment_magnitude', 10.0),
+          pp.get('random_erase_prob', 0.0))
+
+
+def _randaugment_rule(pp) -> str:
+  """`pp.randaugment_rule`, or the reference rule if absent (older configs)."""
+  return pp.get('randaugment_rule', augment.DEFAULT_RULE)
+
+
 def check_pp(pp) -> None:
   """Raises ValueError for `config.pp` settings the ops cannot honour."""
   if pp.train_crop not in TRAIN_CROPS:
@@ -112,6 +136,24 @@ def check_pp(pp) -> None:
   if not 0.0 < pp.eval_crop_fraction <= 1.0:
     raise ValueError(f'config.pp.eval_crop_fraction={pp.eval_crop_fraction} '
                      'must be in (0, 1].')
+  layers, magnitude, erase_prob = _augment_settings(pp)
+  if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+    raise ValueError(f'config.pp.randaugment_layers={layers!r} must be an '
+                     'integer >= 0 (0 disables RandAugment).')
+  if (isinstance(magnitude, bool) or not isinstance(magnitude, (int, float))
+      or not 0 <= magnitude <= augment.MAX_MAGNITUDE):
+    raise ValueError(f'config.pp.randaugment_magnitude={magnitude!r} must be '
+                     f'a number in [0, {augment.MAX_MAGNITUDE:g}] (10 = each '
+                     "op's reference maximum).")
+  if (isinstance(erase_prob, bool) or
+      not isinstance(erase_prob, (int, float)) or not 0 <= erase_prob <= 1):
+    raise ValueError(f'config.pp.random_erase_prob={erase_prob!r} must be a '
+                     'probability in [0, 1].')
+  rule = _randaugment_rule(pp)
+  if rule not in augment.RULES:
+    raise ValueError(f'config.pp.randaugment_rule={rule!r}; expected one of '
+                     f'{augment.RULES} (how RandAugment magnitudes become op '
+                     'arguments, see vit_jax/data/augment_rules.py).')
 
 
 def train_preprocess(
@@ -120,12 +162,18 @@ def train_preprocess(
   """Returns `f(image, seed) -> float32 [size, size, channels]` in [-1, 1].
 
   `image` is uint8 [H, W, C], `seed` int [2]; the output depends only on them.
+  With random erasing on, erased pixels are N(0, 1) noise and may leave
+  [-1, 1] (as in DeiT/timm).
   """
   check_pp(pp)
+  layers, magnitude, erase_prob = _augment_settings(pp)
+  rule = _randaugment_rule(pp)
 
   def fn(image, seed):
-    crop_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 2))
+    # The first two of a 4-way split equal a 2-way split: crops and flips are
+    # the same with augmentation on or off.
+    crop_seed, flip_seed, randaugment_seed, erase_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4))
     if pp.train_crop == 'inception':
       image = resize(inception_crop(image, crop_seed, pp.area_min), size)
     elif pp.train_crop == 'random':
@@ -134,7 +182,14 @@ def train_preprocess(
       image = resize(image, size)
     if pp.flip:
       image = random_flip(image, flip_seed)
-    return to_model_range(to_channels(image, channels))
+    if layers:
+      image = tf.cast(tf.round(image), tf.uint8)  # RandAugment's domain.
+      image = augment.randaugment(image, randaugment_seed, layers, magnitude,
+                                  rule)
+    image = to_model_range(to_channels(image, channels))
+    if erase_prob:
+      image = augment.random_erasing(image, erase_seed, erase_prob)
+    return image
 
   return fn
 
