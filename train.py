@@ -8,7 +8,9 @@ NaN/Inf loss exits 1 naming the step (see README, "Preemption and resume").
 
 Multi-process runs on GPU clusters or one machine pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; on TPU pod
-slices JAX finds its peers by itself (pass `--distributed`).
+slices and under SLURM JAX finds its peers by itself (pass `--distributed`).
+Commands for each setting, and batch/sharding settings that fit B/16 and L/16:
+docs/launch.md.
 """
 
 import logging as std_logging
@@ -18,6 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,6 +33,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() with no arguments '
     '(TPU pod slices, SLURM).')
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    'local_device_ids', None, 'Devices this process uses, e.g. 0,1,2,3. Under '
+    'SLURM JAX otherwise gives each process only GPU $SLURM_LOCALID (one task '
+    'per GPU); one task per node with all its GPUs needs this.')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -48,7 +55,9 @@ def main(argv):
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        local_device_ids=([int(i) for i in _LOCAL_DEVICE_IDS.value]
+                          if _LOCAL_DEVICE_IDS.value else None))
   # Imported after jax.distributed.initialize: nothing may touch devices before it.
   from vit_jax import trainer  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices',
@@ -57,6 +66,11 @@ def main(argv):
   from vit_jax import validation  # pylint: disable=g-import-not-at-top
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if jax.process_count() > 1:
+      # Leave together, while every process is alive, not in atexit hooks
+      # racing other threads' teardown (seen to abort one process of a pair).
+      multihost_utils.sync_global_devices('vit_jax: training done')
+      jax.distributed.shutdown()
   except validation.ConfigError as e:
     # What to change, without a traceback: nothing was compiled or written.
     raise app.UsageError(str(e)) from None

@@ -84,9 +84,28 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_mults = ()             # ((regex, factor), ...): first match scales its lr.
   config.layer_decay = 1.0         # lr x decay**(top - depth); 1 disables (BEiT style).
   config.label_smoothing = 0.0
+  # Mixup / cutmix of each batch on device (vit_jax.mixup); targets become soft.
+  config.mixup = ml_collections.ConfigDict()
+  config.mixup.mixup_alpha = 0.0   # Beta(a, a) blending weight; 0 = no mixup.
+  config.mixup.cutmix_alpha = 0.0  # Beta(a, a) pasted-box area; 0 = no cutmix.
+  config.mixup.prob = 1.0          # Chance that a batch is mixed at all.
+  config.mixup.switch_prob = 0.5   # Chance of cutmix (not mixup) when both are on.
+  # EMA of the params, updated every step and evaluated beside them
+  # (eval_<split>_ema_*); load with checkpoint.load_params(..., ema=True). 0 = off.
+  config.ema_decay = 0.0
 
   # Parallelism.
   config.parallelism = 'jit'       # 'jit' (sharded jit) | 'shard_map' (explicit pmean)
+  # Mesh and sharding rules (vit_jax.sharding, docs/launch.md). Batches are split
+  # over `data`; `model` is the tensor-parallel group size (within one host).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1            # -1: all devices not taken by `model`.
+  config.mesh.model = 1
+  # A preset ('replicate' | 'fsdp' | 'model' | 'fsdp+model', applied to every
+  # param) or ((regex, strategy), ...) over '/'-joined param paths, first match
+  # wins, unmatched params replicated. 'fsdp' and 'model' need parallelism='jit'.
+  config.sharding = ml_collections.FieldReference('replicate', field_type=object)
+  config.fsdp_min_size = 2**18     # fsdp leaves smaller arrays (elements) replicated.
 
   # Loop, evaluation, logging, checkpoints.
   config.log_every = 50

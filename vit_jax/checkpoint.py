@@ -3,8 +3,9 @@
 A workdir holds `checkpoints/<step>/` written by an Orbax `CheckpointManager`
 with three items: `params`, `train` (step, optimizer state, rng, non-finite
 counters) and `meta` (JSON: the config and what is needed to check that a resume
-is consistent). Keeping `params` apart lets `load_params` read a model without its
-optimizer state.
+is consistent), plus `ema_params` when the run keeps an EMA of its parameters
+(`config.ema_decay` > 0). Keeping `params` apart lets `load_params` read a model
+without its optimizer state.
 
 Orbax writes each step into a temporary directory and renames it when complete,
 so a killed save leaves no half-written `<step>/`. What a rename cannot catch --
@@ -34,6 +35,7 @@ from vit_jax.checkpoint_npz import resize_posemb  # noqa: F401
 from vit_jax.checkpoint_npz import save_npz  # noqa: F401
 
 CHECKPOINT_DIR = 'checkpoints'
+ITEM_NAMES = ('params', 'ema_params', 'train', 'meta')
 
 
 def checkpoint_dir(path: str) -> epath.Path:
@@ -61,7 +63,7 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
-      item_names=('params', 'train', 'meta'))
+      item_names=ITEM_NAMES)
 
 
 class CorruptCheckpointError(ValueError):
@@ -73,14 +75,23 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def _train_item(state: Any) -> dict[str, Any]:
-  """Every TrainState field but params: step, opt_state, rng, counters."""
+  """Every TrainState field but the params: step, opt_state, rng, counters."""
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-          if f.name != 'params'}
+          if f.name not in ('params', 'ema_params')}
+
+
+def _array_items(state: Any) -> dict[str, Any]:
+  """The saved array items; `ema_params` only if the state has them, so that a
+  state without EMA has the layout and digest it had before EMA existed."""
+  items = {'params': state.params, 'train': _train_item(state)}
+  if getattr(state, 'ema_params', None) is not None:
+    items['ema_params'] = state.ema_params
+  return items
 
 
 def layout(state: Any) -> dict[str, str]:
   """'item/path' -> 'shape dtype' for every array of a (possibly abstract) state."""
-  items = {'params': state.params, 'train': _train_item(state)}
+  items = _array_items(state)
   flat, _ = jax.tree_util.tree_flatten_with_path(items)
   return {jax.tree_util.keystr(path, simple=True, separator='/'):
           f'{tuple(x.shape)} {jnp.dtype(x.dtype).name}' for path, x in flat}
@@ -111,8 +122,8 @@ def _tree_digest(tree: Any) -> jax.Array:
 
 
 def digest(state: Any) -> dict[str, int]:
-  """A 32-bit digest of the bytes of each saved item ('params', 'train')."""
-  items = {'params': state.params, 'train': _train_item(state)}
+  """A 32-bit digest of the bytes of each saved item ('params', 'train', ...)."""
+  items = _array_items(state)
   return {name: int(jax.device_get(_tree_digest(tree)))
           for name, tree in items.items()}
 
@@ -124,10 +135,10 @@ def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any]) -> No
   """
   step = int(jax.device_get(state.step))
   meta = dict(meta, layout=layout(state), digest=digest(state))
+  arrays = {name: ocp.args.StandardSave(tree)
+            for name, tree in _array_items(state).items()}
   manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params),
-      train=ocp.args.StandardSave(_train_item(state)),
-      meta=ocp.args.JsonSave(meta)))
+      **arrays, meta=ocp.args.JsonSave(meta)))
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
@@ -161,9 +172,11 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   if 'layout' in meta:
     _check_layout(where, meta['layout'], layout(abstract_state))
   restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_state.params),
-      train=ocp.args.StandardRestore(_train_item(abstract_state))))
+      **{name: ocp.args.StandardRestore(tree)
+         for name, tree in _array_items(abstract_state).items()}))
   state = abstract_state.replace(params=restored['params'], **restored['train'])
+  if 'ema_params' in restored:
+    state = state.replace(ema_params=restored['ema_params'])
   if 'digest' in meta and (found := digest(state)) != meta['digest']:
     raise CorruptCheckpointError(
         f'{where}: the restored arrays differ from the saved ones (digest '
@@ -186,7 +199,8 @@ def _check_layout(where: str, saved: dict[str, str], current: dict[str, str]) ->
       'the model/optimizer settings of the run that wrote it.')
 
 
-def load_params(path: str, step: Optional[int] = None) -> dict[str, Any]:
+def load_params(path: str, step: Optional[int] = None, *,
+                ema: bool = False) -> dict[str, Any]:
   """The params tree saved in a workdir (or its checkpoints/ dir), as numpy.
 
   Works on any device count: the arrays are restored onto one host CPU device,
@@ -195,17 +209,26 @@ def load_params(path: str, step: Optional[int] = None) -> dict[str, Any]:
   Args:
     path: a training workdir or its `checkpoints` directory.
     step: the step to read; default the latest.
+    ema: read the EMA of the params (runs with `config.ema_decay` > 0) instead.
+  Raises:
+    ValueError: `ema` and the checkpoint has no EMA params.
   """
+  item = 'ema_params' if ema else 'params'
+
   def args(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    metadata = manager.item_metadata(step)
+    if metadata.get(item) is None:
+      raise ValueError(f'{manager.directory}/{step} has no {item} (the run '
+                       'had config.ema_decay = 0)')
     host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
-        manager.item_metadata(step)['params'])
-    return {'params': ocp.args.StandardRestore(target)}
+        metadata[item])
+    return {item: ocp.args.StandardRestore(target)}
 
   step, restored = _restore_read_only(path, step, args)
-  logging.info('Loaded params of step %d from %s', step, checkpoint_dir(path))
-  return jax.tree.map(np.asarray, restored['params'])
+  logging.info('Loaded %s of step %d from %s', item, step, checkpoint_dir(path))
+  return jax.tree.map(np.asarray, restored[item])
 
 
 def load_meta(path: str, step: Optional[int] = None) -> dict[str, Any]:
@@ -224,8 +247,9 @@ def _restore_read_only(
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoints at {directory}')
   with ocp.CheckpointManager(
-      directory, item_names=('params', 'train', 'meta'),
-      item_handlers={'params': ocp.StandardCheckpointHandler()},
+      directory, item_names=ITEM_NAMES,
+      item_handlers={'params': ocp.StandardCheckpointHandler(),
+                     'ema_params': ocp.StandardCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     steps = manager.all_steps()
     if not steps:

@@ -1,15 +1,17 @@
 """Device mesh, shardings and the two ways of running a data-parallel step.
 
 Every run, from one CPU core to a pod slice, uses the same code path: a
-`jax.sharding.Mesh` with a `data` axis over all devices of all processes, batches
-sharded along `data`, parameters replicated (sharding rules for FSDP/tensor
-parallelism extend `state_shardings`). Two step flavours:
+`jax.sharding.Mesh` with axes (`data`, `model`) over all devices of all
+processes, batches sharded along `data` (replicated along `model`), parameters
+sharded as the rules of vit_jax.sharding say (default: replicated; FSDP over
+`data`, tensor parallelism over `model`). Two step flavours:
 
 * 'jit': the step is written for one device; `jax.jit` with in/out shardings lets
   XLA's SPMD partitioner insert the gradient all-reduce.
 * 'shard_map': the step runs per device on its batch shard via `jax.shard_map`, and
   averages gradients explicitly with `lax.pmean` over `data`. Same numbers, and a
-  place to hand-tune collectives.
+  place to hand-tune collectives; replicated parameters and `model` size 1 only
+  (vit_jax.sharding.check_sharding says so before compiling).
 """
 
 from typing import Any, Callable, Optional
@@ -22,23 +24,48 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = 'data'
+from vit_jax.sharding import DATA_AXIS
+from vit_jax.sharding import MODEL_AXIS
+from vit_jax.sharding import state_shardings  # noqa: F401  (re-export)
+
 PARALLELISMS = ('jit', 'shard_map')
 
 
-def make_mesh(num_devices: Optional[int] = None) -> Mesh:
-  """A 1-D mesh named `data` over the first `num_devices` devices (default all).
+def make_mesh(num_devices: Optional[int] = None, *, data: int = -1,
+              model: int = 1) -> Mesh:
+  """A (`data`, `model`) mesh over the first `num_devices` devices (default all).
 
-  Axis types are Auto: the SPMD partitioner propagates shardings, as `jit` users
-  expect (jax 0.10's `make_mesh` default is Explicit).
+  `model` devices form each tensor-parallel group and `data` (-1: all the
+  rest) the groups; together they must use every device. `model` is the inner
+  axis and must divide a host's device count, so a model group never spans
+  hosts and each host feeds whole groups its own batch rows. Axis types are Auto: the
+  SPMD partitioner propagates shardings, as `jit` users expect (jax 0.10's
+  `make_mesh` default is Explicit).
   """
   devices = jax.devices()
   if num_devices is not None:
     if not 0 < num_devices <= len(devices):
       raise ValueError(f'asked for {num_devices} devices, have {len(devices)}')
     devices = devices[:num_devices]
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
-                       axis_types=(AxisType.Auto,))
+  count = len(devices)
+  if model < 1 or count % model:
+    raise ValueError(f'config.mesh.model={model} does not divide the {count} devices')
+  if jax.process_count() > 1 and jax.local_device_count() % model:
+    raise ValueError(f'config.mesh.model={model} does not divide the '
+                     f'{jax.local_device_count()} devices of a host: a model '
+                     'group must stay on one host')
+  if data == -1:
+    data = count // model
+  if data * model != count:
+    raise ValueError(f'config.mesh data={data} x model={model} is not the '
+                     f'{count} devices; set config.mesh.data=-1 to use all of them')
+  mesh = jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS), devices=devices,
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+  # make_mesh may reorder devices to follow the physical (TPU) topology.
+  if any(len({d.process_index for d in group}) > 1 for group in mesh.devices):
+    raise ValueError(f'config.mesh.model={model}: a model group would span '
+                     'hosts in this topology; use a smaller model axis')
+  return mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -50,18 +77,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-  """Sharding for every leaf of the train state (replicated for now)."""
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
-
-
 def check_batch_size(global_batch: int, mesh: Mesh, accum_steps: int = 1) -> None:
   """Raises ValueError if the batch cannot be split over devices and micro-batches."""
-  num_devices = mesh.devices.size
+  num_devices = dict(mesh.shape)[DATA_AXIS]  # Batches are split over `data` only.
   if global_batch % num_devices:
     raise ValueError(
         f'batch_size {global_batch} is not divisible by the {num_devices} devices '
-        f'of the mesh; use a multiple of {num_devices}')
+        f"of the mesh's data axis; use a multiple of {num_devices}")
   if global_batch % accum_steps:
     raise ValueError(f'batch_size {global_batch} is not divisible by accum_steps '
                      f'{accum_steps}')
@@ -69,8 +91,8 @@ def check_batch_size(global_batch: int, mesh: Mesh, accum_steps: int = 1) -> Non
   if micro % num_devices:
     raise ValueError(
         f'micro-batch {micro} (batch_size {global_batch} / accum_steps '
-        f'{accum_steps}) is not divisible by the {num_devices} devices; use a '
-        f'batch_size that is a multiple of {num_devices * accum_steps}')
+        f'{accum_steps}) is not divisible by the {num_devices} data-axis devices; '
+        f'use a batch_size that is a multiple of {num_devices * accum_steps}')
 
 
 def local_batch_size(global_batch: int) -> int:

@@ -11,7 +11,7 @@ a count in the state, which the loop reads only where it syncs anyway (log,
 eval and checkpoint steps). See `NAN_POLICIES`.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 import flax
 import flax.linen as nn
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax import mixup as mixup_lib
 from vit_jax import optim
 from vit_jax import parallel
 
@@ -42,6 +43,8 @@ class TrainState:
   `first_nonfinite_step` (0 = none yet) and `nonfinite_steps` record steps whose
   loss or gradient norm was NaN/Inf; they live here, on device, so that noticing
   one costs no host sync per step and a resumed run keeps its count.
+  `ema_params` is the moving average of `params` (see `ema_update`), or None
+  when `ema_decay` is 0 (then it holds no arrays and checkpoints are unchanged).
   """
   step: jax.Array
   params: Any
@@ -49,26 +52,47 @@ class TrainState:
   rng: jax.Array
   first_nonfinite_step: jax.Array
   nonfinite_steps: jax.Array
+  ema_params: Any = None
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], seed: int) -> TrainState:
-  """Initial state; run under `jax.jit(..., out_shardings=...)` to init in place."""
+                       image_shape: tuple[int, ...], seed: int, *,
+                       ema: bool = False) -> TrainState:
+  """Initial state; run under `jax.jit(..., out_shardings=...)` to init in place.
+
+  With `ema`, `ema_params` starts as a copy of the initial params (replace both
+  when loading pre-trained params).
+  """
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
   params = model.init(init_rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
                       train=False)['params']
   zero = lambda: jnp.zeros((), jnp.int32)  # One buffer per leaf: all are donated.
   return TrainState(step=zero(), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(train_rng),
-                    first_nonfinite_step=zero(), nonfinite_steps=zero())
+                    first_nonfinite_step=zero(), nonfinite_steps=zero(),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
+  """One EMA step: ema <- decay * ema + (1 - decay) * params.
+
+  Written as ema - (1 - decay) * (ema - params), which keeps the small
+  increments of a decay close to 1 (e.g. 0.99996) in float32. No warm-up or
+  bias correction: the average starts at the initial (or pre-trained) params,
+  as timm's ModelEma does for DeiT.
+  """
+  return jax.tree.map(
+      lambda e, p: e - (1.0 - decay) * (e - p.astype(e.dtype)), ema_params, params)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     num_classes: int, label_smoothing: float = 0.0,
                     accum_steps: int = 1,
                     parallelism: str = 'jit',
-                    nan_policy: str = 'stop') -> Callable[[TrainState, Batch],
-                                                          tuple[TrainState, Metrics]]:
+                    nan_policy: str = 'stop',
+                    mixup: Optional[Mapping[str, Any]] = None,
+                    ema_decay: float = 0.0) -> Callable[[TrainState, Batch],
+                                                       tuple[TrainState, Metrics]]:
   """The update step: loss, (accumulated) gradients, optimizer update.
 
   In 'shard_map' mode the body runs per device: each device folds its index into
@@ -77,25 +101,45 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
   or gradient norm is applied; with 'skip_step' the metrics add the running
   count `skipped_steps`. A skipped step does not advance the optimizer's own
   step count either, so its schedule runs that many steps behind the logged one.
+
+  `mixup` (a `config.mixup` section, see vit_jax.mixup) mixes the whole batch
+  once, before accumulation, with a key derived from the step's key; the loss
+  then sees soft targets that already carry the label smoothing. `ema_decay` > 0
+  updates `state.ema_params` after every applied step (the state must have been
+  created with `ema=True`).
   """
   if parallelism not in parallel.PARALLELISMS:
     raise ValueError(f'parallelism {parallelism!r} not in {parallel.PARALLELISMS}')
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f'nan_policy {nan_policy!r} not in {NAN_POLICIES}')
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f'ema_decay must be in [0, 1) (0 disables), got {ema_decay}')
   per_device = parallelism == 'shard_map'
   skip_nonfinite = nan_policy == 'skip_step'
+  use_mixup = mixup_lib.is_enabled(mixup)
+  if use_mixup:
+    mixup_lib.check_mixup(mixup)
+  # Mixed targets already carry the smoothing.
+  loss_smoothing = 0.0 if use_mixup else label_smoothing
 
   def loss_fn(params, batch, rng):
     logits = model.apply({'params': params}, batch['image'], train=True,
                          rngs={'dropout': rng})
     loss = optim.cross_entropy_loss(logits, batch['label'], num_classes,
-                                    label_smoothing=label_smoothing)
+                                    label_smoothing=loss_smoothing)
     return loss, {}
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    if ema_decay and state.ema_params is None:
+      raise ValueError('ema_decay > 0 needs a state created with ema=True')
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if use_mixup:  # Before the device index: every device draws the same mixing.
+      batch = mixup_lib.mix_batch(
+          mixup_lib.mixing_key(rng), batch, mixup, num_classes=num_classes,
+          label_smoothing=label_smoothing,
+          axis_name=parallel.DATA_AXIS if per_device else None)
     if per_device:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     loss, _, grads = optim.accumulate_gradients(
@@ -105,17 +149,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema_params = (ema_update(state.ema_params, params, ema_decay)
+                  if ema_decay else state.ema_params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
-      params, opt_state = jax.tree.map(
+      params, opt_state, ema_params = jax.tree.map(
           lambda new, old: jnp.where(finite, new, old),
-          (params, opt_state), (state.params, state.opt_state))
+          (params, opt_state, ema_params),
+          (state.params, state.opt_state, state.ema_params))
     step_number = state.step + 1  # 1-based, as the loop and the logs count.
     first_bad = jnp.where((state.first_nonfinite_step == 0) & ~finite,
                           step_number, state.first_nonfinite_step)
     new_state = state.replace(
         step=step_number, params=params, opt_state=opt_state,
-        first_nonfinite_step=first_bad,
+        ema_params=ema_params, first_nonfinite_step=first_bad,
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
     metrics = {'train_loss': loss, 'grad_norm': grad_norm}
     if skip_nonfinite:
@@ -146,3 +193,25 @@ def make_eval_step(model: nn.Module, *, num_classes: int
     }
 
   return step
+
+
+def jit_train_step(config: Any, model: nn.Module, tx: optax.GradientTransformation,
+                   *, num_classes: int, mesh: jax.sharding.Mesh,
+                   state_sharding: Any) -> Callable[[TrainState, Batch],
+                                                    tuple[TrainState, Metrics]]:
+  """The train step exactly as the trainer runs it, jitted but not yet lowered.
+
+  One place builds it (config -> step -> shard_map wrapper -> jit with the state
+  sharded by the rules, the batch over 'data', metrics replicated, the state
+  donated) so the trainer and the benchmark tool time the same program.
+  """
+  step = make_train_step(
+      model, tx, num_classes=num_classes,
+      label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
+      parallelism=config.parallelism, nan_policy=config.nan_policy,
+      mixup=config.mixup, ema_decay=config.ema_decay)
+  if config.parallelism == 'shard_map':
+    step = parallel.shard_map_step(step, mesh)
+  return jax.jit(step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)),
+                 donate_argnums=0)

@@ -13,6 +13,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -26,6 +27,7 @@ from vit_jax import parallel
 from vit_jax import param_rules
 from vit_jax import preemption
 from vit_jax import resume
+from vit_jax import sharding
 from vit_jax import steps
 from vit_jax import validation
 
@@ -38,8 +40,12 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> in
 
 
 def evaluate(eval_step, params: Any, config: ml_collections.ConfigDict,
-             split: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Top-1, top-5 and loss over every example of `split` (padding masked out)."""
+             split: str, mesh: jax.sharding.Mesh,
+             tag: str = '') -> dict[str, float]:
+  """Top-1, top-5 and loss over every example of `split` (padding masked out).
+
+  Names are `eval_<split><tag>_top1` etc.; tag '_ema' for the EMA params.
+  """
   sums = None
   local_batch = parallel.local_batch_size(config.eval_batch_size)
   for local in data.eval_iterator(
@@ -50,6 +56,7 @@ def evaluate(eval_step, params: Any, config: ml_collections.ConfigDict,
   sums = jax.device_get(sums)
   count = float(sums['count'])
   name = validation.split_name(split)
+  name += tag
   return {f'eval_{name}_top1': float(sums['top1']) / count,
           f'eval_{name}_top5': float(sums['top5']) / count,
           f'eval_{name}_loss': float(sums['loss']) / count,
@@ -75,7 +82,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Everything here is cheap: a bad config fails in seconds, not after a compile.
   validation.check_config(config)
   workdir = validation.prepare_workdir(workdir)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
   parallel.check_batch_size(config.batch_size, mesh, config.accum_steps)
   parallel.check_batch_size(config.eval_batch_size, mesh)
   info = data.get_dataset_info(config)
@@ -92,14 +99,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tx, schedule = optim.make_optimizer(config, total_steps)
   image_shape = (config.image_size, config.image_size, config.channels)
   init_fn = functools.partial(steps.create_train_state, model, tx, image_shape,
-                              config.seed)
+                              config.seed, ema=config.ema_decay > 0)
   abstract_state = jax.eval_shape(init_fn)
   # Rules are regexes over parameter names: check them against the real names
   # now (a rule that selects nothing is an error), before anything compiles.
   param_rules.check_param_rules(config, abstract_state.params)
   if config.frozen or config.lr_mults or config.layer_decay != 1:
     logging.info(param_rules.describe_param_rules(config, abstract_state.params))
-  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  # Sharding rules likewise (a rule that selects nothing, a model axis that
+  # does not divide num_heads / mlp_dim); optimizer state follows its param.
+  state_sharding = sharding.from_config(config, abstract_state, mesh)
+  logging.info(sharding.describe(state_sharding, abstract_state.params))
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sharding)
@@ -119,26 +129,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = jax.jit(init_fn, out_shardings=state_sharding)()
     if config.pretrained_path:
       params, _ = checkpoint.load_pretrained(  # Logs what it loaded/resized.
-          config.pretrained_path, jax.device_get(state.params),
+          config.pretrained_path,  # Sharded params may span hosts: gather.
+          multihost_utils.process_allgather(state.params, tiled=True),
           keep_pre_logits=config.pretrained_keep_pre_logits,
           posemb_method=config.pretrained_posemb_resize)
       state = state.replace(params=jax.device_put(params, state_sharding.params))
+      if state.ema_params is not None:  # The average starts at the loaded params.
+        state = state.replace(
+            ema_params=jax.device_put(params, state_sharding.ema_params))
   start_step = int(jax.device_get(state.step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model %s: %s parameters', config.model.name, f'{num_params:,}')
 
   # --------------------------------------------------------- compiled steps
-  train_step = steps.make_train_step(
-      model, tx, num_classes=info.num_classes,
-      label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
-      parallelism=config.parallelism, nan_policy=config.nan_policy)
-  if config.parallelism == 'shard_map':
-    train_step = parallel.shard_map_step(train_step, mesh)
+  train_step = steps.jit_train_step(config, model, tx, num_classes=info.num_classes,
+                                    mesh=mesh, state_sharding=state_sharding)
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(
-      train_step, in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, parallel.replicated(mesh)),
-      donate_argnums=0)
   eval_step = jax.jit(
       steps.make_eval_step(model, num_classes=info.num_classes),
       in_shardings=(state_sharding.params, batch_sharding),
@@ -151,9 +157,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t0 = time.time()
   lowered = train_step.lower(abstract_state, batch_spec)
   train_step = lowered.compile()
-  flops = metrics.step_flops(lowered)
-  if flops and config.accum_steps > 1:
-    flops *= config.accum_steps  # Cost analysis counts a scan body once.
+  flops = metrics.train_step_flops(lowered, model, image_shape, config.batch_size,
+                                   config.accum_steps)
   logging.info('Compiled the train step in %.1fs (%.3g FLOP/step)',
                time.time() - t0, flops or float('nan'))
 
@@ -174,6 +179,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def evaluate_all(step: int) -> None:
     for split in eval_splits:
       result = evaluate(eval_step, state.params, config, split, mesh)
+      if state.ema_params is not None:  # Sharded like params: same eval_step.
+        result.update(evaluate(eval_step, state.ema_params, config, split, mesh,
+                               tag='_ema'))
       writer.write(step, result)
       final.update(result)
       logging.info('step %d: %s', step, ', '.join(

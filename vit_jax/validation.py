@@ -16,9 +16,11 @@ from etils import epath
 import jax
 import ml_collections
 
+from vit_jax import mixup
 from vit_jax import models
 from vit_jax import parallel
 from vit_jax import param_rules
+from vit_jax import sharding
 from vit_jax import steps
 from vit_jax.data import preprocess
 from vit_jax.data.info import eval_splits
@@ -29,7 +31,9 @@ _SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
 # Config values that define the training stream: changing one between a run and
 # its resume would silently produce a different run.
 _RESUME_KEYS = ('batch_size', 'seed', 'dataset', 'train_split', 'accum_steps',
-                'image_size')
+                'image_size', 'ema_decay')
+# Keys added after checkpoints were written without them: the value those had.
+_RESUME_DEFAULTS = {'ema_decay': 0.0}
 
 
 class ConfigError(ValueError):
@@ -114,10 +118,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _require(config.parallelism in parallel.PARALLELISMS,
            f'config.parallelism {config.parallelism!r} not in '
            f'{parallel.PARALLELISMS}')
-  try:
-    preprocess.check_pp(config.pp)
+  try:  # Rule syntax, mesh sizes, shard_map compatibility (vit_jax.sharding).
+    sharding.check_sharding(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  try:
+    preprocess.check_pp(config.pp)
+    mixup.check_mixup(config.mixup)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _number(config.ema_decay, 'ema_decay')
+  _require(0 <= config.ema_decay < 1,
+           f'config.ema_decay must be in [0, 1) (0 disables), got '
+           f'{config.ema_decay}')
   _require(bool(eval_splits(config)), 'config.eval_splits is empty')
 
   try:
@@ -179,8 +192,9 @@ def resume_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def check_resume_meta(meta: dict[str, Any], config: ml_collections.ConfigDict) -> None:
   """Raises if the workdir's checkpoint was written by a different run."""
   current = resume_meta(config)
-  changed = [f'{k}: checkpoint {meta.get(k)!r} vs config {current[k]!r}'
-             for k in (*_RESUME_KEYS, 'model') if meta.get(k) != current[k]]
+  saved = lambda k: meta.get(k, _RESUME_DEFAULTS.get(k))
+  changed = [f'{k}: checkpoint {saved(k)!r} vs config {current[k]!r}'
+             for k in (*_RESUME_KEYS, 'model') if saved(k) != current[k]]
   if changed:
     raise ConfigError(
         'this workdir holds a checkpoint of a different run (' + '; '.join(changed)
