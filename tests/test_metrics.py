@@ -127,6 +127,26 @@ def test_cost_analysis_flops_of_matmul():
   assert metrics.step_flops(types.SimpleNamespace(cost_analysis=lambda: None)) is None
 
 
+@pytest.mark.parametrize('accum_steps', [1, 2])
+def test_train_step_flops_count_every_scanned_block(accum_steps):
+  # XLA counts a loop body once; the scanned model's corrected count must
+  # match the unrolled model's plain count (to the non-matmul remainder).
+  import optax
+  from vit_jax import models, steps
+  shape, batch = (16, 16, 3), 8
+  data = {'image': jnp.zeros((batch,) + shape), 'label': jnp.zeros((batch,), jnp.int32)}
+  counts = {}
+  for scan in (False, True):
+    model = models.create_model('ViT-test_4', 10, num_layers=4, scan_layers=scan)
+    tx = optax.sgd(0.1)
+    state = jax.eval_shape(lambda: steps.create_train_state(model, tx, shape, 0))
+    step = steps.make_train_step(model, tx, num_classes=10, accum_steps=accum_steps)
+    lowered = jax.jit(step).lower(state, data)
+    counts[scan] = metrics.train_step_flops(lowered, model, shape, batch, accum_steps)
+  assert counts[True] == pytest.approx(counts[False], rel=0.05)
+  assert metrics.step_flops(lowered) < 0.7 * counts[True]  # The raw count misses blocks.
+
+
 def test_peak_flops():
   tpu = types.SimpleNamespace(platform='tpu', device_kind='TPU v5 lite')
   gpu = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA A100-SXM4-80GB')

@@ -279,11 +279,41 @@ def vit_forward_flops(hidden: int, depth: int, mlp_dim: int, num_tokens: int,
   token). Training costs about 3x this (backward = 2x forward).
   """
   patches = num_tokens - int(cls_token)
-  embed = patches * patch * patch * channels * hidden
+  embed = 2.0 * patches * patch * patch * channels * hidden
+  head = 2.0 * hidden * num_classes
+  return embed + depth * vit_block_flops(hidden, mlp_dim, num_tokens) + head
+
+
+def vit_block_flops(hidden: int, mlp_dim: int, num_tokens: int) -> float:
+  """Analytic forward FLOPs of one encoder block for one image (matmuls only)."""
   attention = 4 * num_tokens * hidden * hidden + 2 * num_tokens * num_tokens * hidden
   mlp = 2 * num_tokens * hidden * mlp_dim
-  head = hidden * num_classes
-  return 2.0 * (embed + depth * (attention + mlp) + head)
+  return 2.0 * (attention + mlp)
+
+
+def train_step_flops(lowered: Any, model: Any, image_shape: tuple[int, ...],
+                     batch_size: int, accum_steps: int = 1) -> float | None:
+  """Global FLOPs of one train step: XLA's count, corrected for its loops.
+
+  XLA counts a loop body once. Gradient accumulation scans over `accum_steps`
+  micro-batches (multiply); a ViT with `scan_layers` runs its blocks as one
+  loop, so (num_layers - 1) blocks are added analytically, at 3x the forward
+  (backward = 2x). Returns None when the backend has no cost analysis, or for
+  a scanned model whose token count this cannot tell (a ResNet stem).
+  """
+  flops = step_flops(lowered)
+  if not flops:
+    return flops
+  if getattr(model, 'scan_layers', False):
+    if getattr(model, 'resnet', None) is not None:
+      return None
+    ph, pw = model.patch_size
+    tokens = ((image_shape[0] // ph) * (image_shape[1] // pw) +
+              int(model.classifier in ('token', 'token_unpooled')))
+    micro_batch = batch_size // accum_steps
+    flops += (model.num_layers - 1) * 3 * micro_batch * vit_block_flops(
+        model.hidden_size, model.mlp_dim, tokens)
+  return flops * accum_steps
 
 
 # Datasheet dense bfloat16 peaks per JAX device, matched in order against

@@ -1,0 +1,149 @@
+"""vit_jax.tools.benchmark on tiny shapes: every reported field, no timings.
+
+The 8 simulated devices of conftest.py split each batch of 8 one per device.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import data
+from vit_jax.tools import bench_pipeline
+from vit_jax.tools import benchmark
+from vit_jax.tools import cli
+from tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--model=ViT-test_4', '--image_size=16', '--channels=1',
+        '--num_classes=10', '--batch=8', '--steps=1', '--repeats=2', '--warmup=1']
+# What every run reports, each a finite positive number.
+FIELDS = ('img_per_sec', 'step_ms', 'compile_s', 'peak_rss_mb', 'flops_per_step',
+          'flops_per_sec', 'mfu', 'peak_flops_per_device', 'params')
+HAS_TIMM = all(importlib.util.find_spec(m) for m in ('torch', 'timm'))
+
+
+def _run(args, tmp_path, name='out.json'):
+  out = tmp_path / name
+  code = cli.run(benchmark.define_flags, benchmark.main,
+                 ['benchmark', *args, f'--json={out}'])
+  assert code == 0
+  return json.loads(out.read_text())
+
+
+def _assert_positive(result, fields):
+  for field in fields:
+    value = result[field]
+    assert isinstance(value, (int, float)) and math.isfinite(value), (field, value)
+    assert value > 0, (field, value)
+
+
+@pytest.mark.parametrize('mode', ['train', 'infer'])
+def test_reports_every_field(mode, tmp_path):
+  result = _run(TINY + [f'--mode={mode}'], tmp_path)
+  _assert_positive(result, FIELDS)
+  assert (result['mode'], result['batch'], result['num_devices']) == (mode, 8, 8)
+  assert len(result['img_per_sec_runs']) == 2
+  assert result['params'] == 18_602  # ViT-test_4, 1 channel, 10 classes.
+  # Training costs about 3x the forward pass; the tiny model's forward is
+  # dominated by its matmuls, so the cost analysis lands near the analytic count.
+  forward = 8 * benchmark.metrics.vit_forward_flops(
+      32, 2, 64, 17, 4, 1, 10)
+  ratio = result['flops_per_step'] / forward
+  assert (2.5 < ratio < 4.5) if mode == 'train' else (0.9 < ratio < 1.6), ratio
+
+
+def _flags(args):
+  fv = benchmark.flags.FlagValues()
+  argv = ['benchmark', *args]
+  benchmark.define_flags(fv, argv)
+  fv(argv)
+  return fv
+
+
+def test_quickstart_model_takes_its_config_shape():
+  model, shape, classes = benchmark.resolve_shape(_flags(['--model=quickstart']))
+  assert (model.name, model.hidden_size, shape, classes) == (
+      'ViT-test_4', 128, (28, 28, 1), 10)
+  # A flag on the command line still wins.
+  _, shape, classes = benchmark.resolve_shape(
+      _flags(['--model=quickstart', '--image_size=32', '--num_classes=3']))
+  assert (shape, classes) == ((32, 32, 1), 3)
+  _, shape, classes = benchmark.resolve_shape(_flags(['--model=ViT-S_16']))
+  assert (shape, classes) == ((224, 224, 3), 1000)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--repeats=0'], '--repeats must be >= 1'),
+    (['--model=ViT-X_16'], 'Unknown model'),
+    (['--image_size=15'], 'not divisible by the patch size'),
+    (['--pipeline', '--mode=infer'], 'drop --mode=infer'),
+])
+def test_bad_flags_fail_before_compiling(args, message, capsys):
+  code = cli.run(benchmark.define_flags, benchmark.main,
+                 ['benchmark', *TINY, *args])
+  assert code == 1
+  assert message in capsys.readouterr().err
+
+
+def test_compare_without_timm_says_what_to_install(monkeypatch, capsys):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'timm' else real(name, *a))
+  code = cli.run(benchmark.define_flags, benchmark.main,
+                 ['benchmark', *TINY, '--compare=timm'])
+  assert code == 1
+  assert 'requirements-bench.txt' in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason='needs requirements-bench.txt')
+def test_compare_timm_on_the_same_shape(tmp_path):
+  # A subprocess keeps torch out of the test worker.
+  out = tmp_path / 'timm.json'
+  subprocess.run([sys.executable, '-m', 'vit_jax.tools.benchmark', *TINY,
+                  '--mode=train', '--compare=timm', f'--json={out}'],
+                 cwd=ROOT, check=True)
+  result = json.loads(out.read_text())
+  _assert_positive(result, FIELDS + ('timm_img_per_sec', 'timm_step_ms',
+                                     'ratio_vs_timm', 'torch_threads'))
+  assert result['timm_params'] == result['params']  # The same model shape.
+  assert len(result['ratio_vs_timm_runs']) == 2
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tfds_digits')
+  data.get_dataset_info(tiny_config(path))  # Prepares it once.
+  return path
+
+
+def test_pipeline_mode(digits_dir, tmp_path):
+  result = _run([
+      f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
+      f'--config.data_dir={digits_dir}', '--config.image_size=16',
+      '--config.prefetch=1', '--pipeline', '--model=ViT-test_4', '--batch=8',
+      '--steps=1', '--repeats=2', '--warmup=1'], tmp_path)
+  _assert_positive(result, FIELDS + ('pipeline_img_per_sec', 'pipeline_over_step'))
+  assert (result['num_classes'], result['image_size'], result['channels']) == (
+      10, 16, 1)  # digits' classes; the config's shape.
+  assert result['pipeline_dataset'] == 'digits'
+  assert len(result['pipeline_img_per_sec_runs']) == 2
+
+
+def test_jpeg_folder_pipeline(tmp_path):
+  config = tiny_config(tmp_path, channels=3)
+  with bench_pipeline.jpeg_folder_config(config, 25) as folder_config:
+    root = folder_config.dataset[len('folder:'):]
+    train = os.path.join(root, 'train')
+    assert sorted(os.listdir(train)) == [f'class_{i}' for i in range(10)]
+    run, classes, facts = bench_pipeline.build_pipeline(folder_config, 8)
+    assert run(1) >= 8  # Long enough to drain what tf.data buffered.
+    assert classes == 10
+    assert facts['pipeline_dataset'] == 'folder of 25 JPEGs'
+    assert not facts['pipeline_cache']  # Decodes files every time.
+  assert not os.path.exists(root)
+  assert config.dataset == 'digits'  # The caller's config is untouched.

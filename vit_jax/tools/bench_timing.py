@@ -1,0 +1,76 @@
+"""Timing helpers of vit_jax.tools.benchmark: interleaved rounds, medians,
+FLOP/s and MFU, host memory, the CPU's name.
+"""
+
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+
+from vit_jax import metrics
+
+# run(n): at least n steps, returns when they have finished, and how many ran.
+Run = Callable[[int], int]
+
+
+def time_rounds(runs: dict[str, Run], *, steps_per_run: int, repeats: int,
+                warmup: int) -> dict[str, list[float]]:
+  """Seconds per step of each run in each round: {name: [round_0, ...]}.
+
+  Every runner is warmed up first; then each round times each runner once, in
+  order, so a drift of the machine's speed hits all of them alike.
+  """
+  for run in runs.values():
+    if warmup:
+      run(warmup)
+  times = {name: [] for name in runs}
+  for round_ in range(repeats):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      done = run(steps_per_run)
+      times[name].append((time.perf_counter() - start) / done)
+    print(f'round {round_ + 1}/{repeats}: ' + ', '.join(  # Progress: runs are slow.
+        f'{name} {1e3 * t[-1]:.0f} ms/step' for name, t in times.items()),
+          file=sys.stderr, flush=True)
+  return times
+
+
+def peak_rss_mb() -> float:
+  """The process's peak resident set size so far (Linux reports KiB)."""
+  scale = 1.0 if sys.platform == 'darwin' else 1024.0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def summarize(seconds: list[float], batch: int, prefix: str = '') -> dict[str, Any]:
+  """Median img/s and step time of per-step times (one per round)."""
+  step_s = statistics.median(seconds)
+  return {f'{prefix}img_per_sec': batch / step_s, f'{prefix}step_ms': 1e3 * step_s,
+          f'{prefix}img_per_sec_runs': [batch / s for s in seconds]}
+
+
+def efficiency(flops: Optional[float], step_s: float, num_devices: int
+               ) -> dict[str, Any]:
+  """flops_per_sec and mfu (None where cost analysis or the peak is unknown)."""
+  peak = metrics.peak_flops_per_device(jax.devices()[0])
+  if not flops:
+    return {'flops_per_step': None, 'flops_per_sec': None, 'mfu': None,
+            'peak_flops_per_device': peak}
+  return {'flops_per_step': flops, 'flops_per_sec': flops / step_s,
+          'mfu': metrics.mfu(flops, step_s, num_devices, peak) if peak else None,
+          'peak_flops_per_device': peak}
+
+
+def cpu_name() -> str:
+  """The CPU's model name (lscpu's), for the report."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

@@ -1,0 +1,144 @@
+"""The timm (PyTorch) side of `vit_jax.tools.benchmark --compare=timm`.
+
+Builds timm's VisionTransformer with our model's shape (hidden, depth, heads,
+MLP width, patch, classifier, tanh GELU) and a torch step doing the same work
+as ours: train = forward + cross-entropy + backward + clipping + the config's
+optimizer (AdamW with decay on weight matrices, as our `wd_mask`); infer =
+forward under torch.inference_mode. torch and timm are an optional extra
+(requirements-bench.txt), imported only here.
+"""
+
+import importlib.util
+import sys
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+# Our registry's sizes -> timm's name for the same ViT (others: the closest
+# name with every shape field overridden, which is what timm builds anyway).
+_TIMM_NAMES = {192: 'vit_tiny_patch16_224', 384: 'vit_small_patch16_224',
+               768: 'vit_base_patch16_224', 1024: 'vit_large_patch16_224'}
+_POOLS = {'token': 'token', 'gap': 'avg'}
+
+
+def check_installed() -> None:
+  """Fails fast, before anything is compiled or imported, without the extra."""
+  missing = [m for m in ('torch', 'timm') if importlib.util.find_spec(m) is None]
+  if missing:
+    raise ImportError(
+        f'--compare=timm needs {" and ".join(missing)}, which is not installed; '
+        'install the optional extra: .venv/bin/pip install -r '
+        'requirements-bench.txt')
+
+
+def _import_torch_timm():
+  # triton's native library crashes the process (SIGSEGV) when it is loaded
+  # after TensorFlow's (torch 2.14.1 / triton 3.8.0 / tensorflow-cpu 2.21),
+  # and torch loads it on import when it is installed. It only compiles GPU
+  # kernels, which an eager timm step never uses: hide it.
+  if 'tensorflow' in sys.modules:
+    sys.modules.setdefault('triton', None)
+  try:
+    import timm  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f'--compare=timm needs torch and timm ({e}); install the optional '
+        'extra: .venv/bin/pip install -r requirements-bench.txt') from e
+  return torch, timm
+
+
+def timm_kwargs(fields: ml_collections.ConfigDict, shape: tuple[int, int, int],
+                num_classes: int) -> tuple[str, dict[str, Any]]:
+  """timm.create_model name and arguments for our model `fields`.
+
+  Raises ValueError for what timm's plain ViT cannot mirror (hybrids, Mixer,
+  a pre-logits layer, MAP pooling).
+  """
+  if fields.model_type != 'vit' or fields.get('resnet') is not None:
+    raise ValueError(f'--compare=timm supports plain ViTs, not {fields.name}.')
+  if fields.get('representation_size'):
+    raise ValueError('--compare=timm: timm has no pre_logits layer; use a model '
+                     'without representation_size.')
+  if fields.classifier not in _POOLS:
+    raise ValueError(f'--compare=timm: classifier {fields.classifier!r} not in '
+                     f'{sorted(_POOLS)}.')
+  size, _, channels = shape
+  hidden = fields.hidden_size
+  return _TIMM_NAMES.get(hidden, 'vit_base_patch16_224'), dict(
+      pretrained=False, img_size=size, in_chans=channels,
+      num_classes=num_classes, patch_size=tuple(fields.patch_size),
+      embed_dim=hidden, depth=fields.num_layers, num_heads=fields.num_heads,
+      mlp_ratio=fields.mlp_dim / hidden, global_pool=_POOLS[fields.classifier],
+      class_token=fields.classifier == 'token', act_layer='gelu_tanh',
+      drop_rate=fields.dropout_rate, attn_drop_rate=fields.attention_dropout_rate,
+      drop_path_rate=fields.stochastic_depth)
+
+
+def _optimizer(torch, model, config: ml_collections.ConfigDict):
+  """The config's optimizer in torch: decay (if any) on weight matrices only."""
+  decay = [p for n, p in model.named_parameters()
+           if n.endswith('.weight') and p.ndim >= 2]
+  others = [p for n, p in model.named_parameters()
+            if not (n.endswith('.weight') and p.ndim >= 2)]
+  wd = float(config.weight_decay)
+  groups = [{'params': decay, 'weight_decay': wd},
+            {'params': others, 'weight_decay': 0.0}]
+  opt, lr = config.optim, float(config.lr.base)
+  if opt.name == 'sgd':
+    return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum,
+                           nesterov=opt.nesterov)
+  cls = torch.optim.AdamW if opt.name == 'adamw' else torch.optim.Adam
+  return cls(groups, lr=lr, betas=(opt.b1, opt.b2), eps=opt.eps)
+
+
+def build_timm_step(fields: ml_collections.ConfigDict, mode: str, batch: int,
+                    shape: tuple[int, int, int], num_classes: int,
+                    config: ml_collections.ConfigDict, dtype: str
+                    ) -> tuple[Callable[[int], int], dict[str, Any]]:
+  """run(n) doing n torch steps, and facts (timm_model, params, threads)."""
+  torch, timm = _import_torch_timm()
+  name, kwargs = timm_kwargs(fields, shape, num_classes)
+  model = timm.create_model(name, **kwargs)
+  rng = np.random.default_rng(0)
+  size, _, channels = shape
+  images = torch.from_numpy(  # NCHW, as torch convolutions expect.
+      rng.uniform(-1, 1, (batch, channels, size, size)).astype(np.float32))
+  labels = torch.from_numpy(rng.integers(0, num_classes, batch).astype(np.int64))
+  autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16,
+                                    enabled=dtype == 'bfloat16')
+  clip = float(config.grad_clip_norm)
+  smoothing = float(config.label_smoothing)
+
+  if mode == 'train':
+    model.train()
+    optimizer = _optimizer(torch, model, config)
+
+    def run(n: int) -> int:
+      for _ in range(n):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+          logits = model(images)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float(), labels, label_smoothing=smoothing)
+        loss.backward()
+        if clip > 0:
+          torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+      loss.item()  # Synchronises (a no-op on CPU, where torch is eager).
+      return n
+  else:
+    model.eval()
+
+    def run(n: int) -> int:
+      with torch.inference_mode(), autocast():
+        for _ in range(n):
+          out = model(images)
+      out.float().sum().item()
+      return n
+
+  return run, {
+      'timm_model': name, 'timm_version': timm.__version__,
+      'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
+      'timm_params': sum(p.numel() for p in model.parameters())}

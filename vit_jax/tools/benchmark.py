@@ -1,0 +1,324 @@
+"""Throughput, compile time, memory and MFU of the train or inference step.
+
+    python -m vit_jax.tools.benchmark --model=ViT-S_16 --batch=16 --mode=train \\
+        --compare=timm --json=s16_train.json
+    python -m vit_jax.tools.benchmark --model=quickstart --batch=128 --mode=infer
+    python -m vit_jax.tools.benchmark --pipeline              # quickstart's input
+    python -m vit_jax.tools.benchmark --pipeline --pipeline_jpegs=512 \\
+        --model=ViT-S_16 --batch=16 --config.image_size=224 --config.channels=3 \\
+        --config.pp.train_crop=inception
+
+The train step timed is the trainer's own (steps.make_train_step with the
+--config's optimizer, default configs/quickstart.py = AdamW + clipping, jitted
+on the mesh with the state donated), on random data already on the devices.
+After --warmup steps, each timed run is --steps steps; the report is the median
+of --repeats runs. `--model=quickstart` (or `config`) is the model section of
+--config at its image size and channels.
+
+`--compare=timm` builds the same shape in timm (PyTorch, needs
+requirements-bench.txt) and interleaves the runs, [ours, timm] x repeats,
+because a shared machine's speed drifts over minutes: `ratio_vs_timm` is the
+median of the per-round ratios, the number to trust. `--pipeline` times
+data.train_iterator for --config (images/s of host batches) interleaved with
+the train step of the same shape; `pipeline_over_step` should be >= 5 so the
+input never starves the step. `--pipeline_jpegs=N` first writes N random JPEGs
+(10 classes) to a temporary image folder and reads that instead.
+
+FLOPs are XLA's cost analysis of the lowered step (global batch); MFU is
+against metrics.peak_flops_per_device (datasheet bf16 on GPU/TPU, a measured
+float32 matmul on CPU). `peak_rss_mb` is the process's peak resident memory
+when our step has run, before torch is imported.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Optional
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from vit_jax import metrics
+from vit_jax import models
+from vit_jax import optim
+from vit_jax import parallel
+from vit_jax import sharding
+from vit_jax import steps
+from vit_jax.tools import bench_pipeline
+from vit_jax.tools import bench_timing
+from vit_jax.tools import bench_timm
+from vit_jax.tools import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODES = ('train', 'infer')
+COMPARE = ('', 'timm')
+DTYPES = ('float32', 'bfloat16')
+# --model values that mean "the model section of --config".
+FROM_CONFIG = ('quickstart', 'config')
+# The schedule's length only shapes the learning rate, not the cost of a step.
+_SCHEDULE_STEPS = 10_000
+
+Run = bench_timing.Run
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(ROOT, 'configs', 'quickstart.py'),
+      'Training config: optimizer and loss of the train step, the model of '
+      '--model=quickstart, the input of --pipeline.', flag_values=fv,
+      lock_config=True, sys_argv=argv)
+  flags.DEFINE_string('model', 'quickstart', "Registered name (ViT-S_16) or "
+                      "'quickstart'/'config' (--config's model).", flag_values=fv)
+  flags.DEFINE_integer('batch', 16, 'Global batch (--pipeline: default the '
+                       "config's batch_size).", flag_values=fv)
+  flags.DEFINE_enum('mode', 'train', MODES, 'Step to time.', flag_values=fv)
+  flags.DEFINE_integer('image_size', 224, "Input size (--config's for "
+                       'quickstart/--pipeline).', flag_values=fv)
+  flags.DEFINE_integer('channels', 3, 'Input channels (likewise).',
+                       flag_values=fv)
+  flags.DEFINE_integer('num_classes', 1000, 'Head size (quickstart: 10; '
+                       "--pipeline: the dataset's).", flag_values=fv)
+  flags.DEFINE_enum('dtype', 'float32', DTYPES, 'Model compute dtype (timm: '
+                    'torch.autocast for bfloat16).', flag_values=fv)
+  flags.DEFINE_integer('steps', 3, 'Steps per timed run.', flag_values=fv)
+  flags.DEFINE_integer('repeats', 5, 'Timed runs (rounds); the median is '
+                       'reported.', flag_values=fv)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps first.', flag_values=fv)
+  flags.DEFINE_enum('compare', '', COMPARE, 'Also time timm, interleaved.',
+                    flag_values=fv)
+  flags.DEFINE_bool('pipeline', False, "Time --config's input pipeline "
+                    'against the train step.', flag_values=fv)
+  flags.DEFINE_integer('pipeline_jpegs', 0, 'With --pipeline: read N '
+                       'generated JPEGs from a temporary image folder.',
+                       flag_values=fv)
+  flags.DEFINE_string('json', None, 'Also write the results to this file.',
+                      flag_values=fv)
+
+
+def check_flags(fv: flags.FlagValues) -> None:
+  """Rejects values that cannot be timed, before anything is built."""
+  for name, low in (('batch', 1), ('steps', 1), ('repeats', 1), ('warmup', 0),
+                    ('image_size', 1), ('channels', 1), ('num_classes', 1),
+                    ('pipeline_jpegs', 0)):
+    if fv[name].value < low:
+      raise ValueError(f'--{name} must be >= {low}, got {fv[name].value}.')
+  if fv.pipeline_jpegs and not fv.pipeline:
+    raise ValueError('--pipeline_jpegs needs --pipeline.')
+  if fv.pipeline and fv.compare:
+    raise ValueError('--pipeline times our input against our step; run '
+                     '--compare without it.')
+  if fv.pipeline and fv.mode != 'train':
+    raise ValueError('--pipeline compares the input with the train step; '
+                     'drop --mode=infer.')
+
+
+# --------------------------------------------------------------------------------
+# What to build: model config, input shape, classes.
+# --------------------------------------------------------------------------------
+def resolve_shape(fv: flags.FlagValues, num_classes: Optional[int] = None
+                  ) -> tuple[Any, tuple[int, int, int], int]:
+  """(model name or config section, (size, size, channels), num_classes).
+
+  A flag given on the command line always wins; otherwise --config supplies
+  the image size and channels for its own model and for --pipeline, and
+  `num_classes` (the dataset's, or 10 = Fashion-MNIST for quickstart).
+  """
+  config = fv.config
+  from_config = fv.model in FROM_CONFIG
+  model = config.model if from_config else fv.model
+  models.get_model_config(model if isinstance(model, str) else model.name)
+  use_config = from_config or fv.pipeline
+  size = fv.image_size if fv['image_size'].present or not use_config else (
+      config.image_size)
+  channels = fv.channels if fv['channels'].present or not use_config else (
+      config.channels)
+  if not fv['num_classes'].present and (from_config or num_classes):
+    classes = num_classes or 10
+  else:
+    classes = fv.num_classes
+  models.check_image_size(model, size)
+  return model, (size, size, channels), classes
+
+
+def model_fields(model: Any, dtype: str) -> ml_collections.ConfigDict:
+  """The resolved hyperparameters (hidden_size, num_layers, ...) of `model`."""
+  if isinstance(model, str):
+    fields = models.get_model_config(model)
+  else:
+    fields = models.get_model_config(model.name)
+    fields.update({k: v for k, v in model.items() if k != 'name' and v is not None})
+  fields.dtype = dtype
+  return fields
+
+
+# --------------------------------------------------------------------------------
+# Our steps, compiled as the trainer compiles them.
+# --------------------------------------------------------------------------------
+def _random_batch(batch: int, shape: tuple[int, ...], num_classes: int,
+                  mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(0)
+  local = {'image': rng.uniform(-1, 1, (batch,) + shape).astype(np.float32),
+           'label': rng.integers(0, num_classes, batch).astype(np.int32)}
+  return parallel.to_global_batch(local, mesh)
+
+
+def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
+                   mode: str, batch: int, shape: tuple[int, int, int],
+                   num_classes: int) -> tuple[Run, dict[str, Any]]:
+  """Compiles our train (or forward) step; returns run(n) and its facts.
+
+  Facts: compile_s, flops_per_step (global, from the lowered program) and
+  num_devices. The train step is the trainer's: make_train_step with the
+  config's optimizer, jit on the mesh with state donation, AOT-compiled.
+  """
+  mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
+  parallel.check_batch_size(batch, mesh, config.accum_steps)
+  model = models.create_model(model_fields_, num_classes)
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+  data = _random_batch(batch, shape, num_classes, mesh)
+  start = time.perf_counter()
+  if mode == 'train':
+    tx, _ = optim.make_optimizer(config, _SCHEDULE_STEPS)
+    init_fn = functools.partial(steps.create_train_state, model, tx, shape,
+                                config.seed, ema=config.ema_decay > 0)
+    state_sharding = sharding.from_config(config, jax.eval_shape(init_fn), mesh)
+    state = jax.jit(init_fn, out_shardings=state_sharding)()
+    lowered = steps.jit_train_step(
+        config, model, tx, num_classes=num_classes, mesh=mesh,
+        state_sharding=state_sharding).lower(state, data)
+  else:
+    params = jax.jit(lambda: model.init(
+        jax.random.key(config.seed), jnp.zeros((1,) + shape), train=False
+    )['params'], out_shardings=replicated)()
+    forward = lambda p, b: model.apply({'params': p}, b['image'], train=False)
+    lowered = jax.jit(forward, in_shardings=(replicated, batch_sharding),
+                      out_shardings=replicated).lower(params, data)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  print(f'compiled our {mode} step in {compile_s:.1f}s', file=sys.stderr, flush=True)
+  holder = {'state': state} if mode == 'train' else {}
+
+  def run(n: int) -> int:
+    if mode == 'train':  # The state is donated: keep only the newest.
+      for _ in range(n):
+        holder['state'], _ = compiled(holder['state'], data)
+      jax.block_until_ready(holder['state'])
+    else:
+      out = None
+      for _ in range(n):
+        out = compiled(params, data)
+      jax.block_until_ready(out)
+    return n
+
+  tree = holder['state'].params if mode == 'train' else params
+  flops = (metrics.train_step_flops(lowered, model, shape, batch, config.accum_steps)
+           if mode == 'train' else metrics.step_flops(lowered))
+  return run, {'compile_s': compile_s, 'flops_per_step': flops,
+               'num_devices': mesh.devices.size,
+               'params': sum(x.size for x in jax.tree.leaves(tree))}
+
+
+# --------------------------------------------------------------------------------
+# The tool.
+# --------------------------------------------------------------------------------
+def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
+  """Builds, times and reports what the flags ask for."""
+  check_flags(fv)
+  if fv.compare == 'timm':
+    bench_timm.check_installed()
+  config = fv.config
+  runs: dict[str, Run] = {}
+  extra: dict[str, Any] = {}
+  batch = fv.batch
+  with contextlib.ExitStack() as stack:
+    num_classes = None
+    if fv.pipeline:
+      if fv.pipeline_jpegs:
+        config = stack.enter_context(
+            bench_pipeline.jpeg_folder_config(config, fv.pipeline_jpegs))
+      batch = fv.batch if fv['batch'].present else config.batch_size
+      pipe_run, num_classes, extra = bench_pipeline.build_pipeline(config, batch)
+      runs['pipeline'] = pipe_run
+    model, shape, num_classes = resolve_shape(fv, num_classes)
+    fields = model_fields(model, fv.dtype)
+    jax_run, facts = build_jax_step(config, fields, fv.mode, batch, shape,
+                                    num_classes)
+    runs = {'jax': jax_run, **runs}
+    jax_run(max(fv.warmup, 1))  # Our peak memory, before torch exists.
+    rss = bench_timing.peak_rss_mb()
+    if fv.compare == 'timm':
+      runs['timm'], timm_facts = bench_timm.build_timm_step(
+          fields, fv.mode, batch, shape, num_classes, config, fv.dtype)
+      extra.update(timm_facts)
+    times = bench_timing.time_rounds(runs, steps_per_run=fv.steps,
+                                     repeats=fv.repeats, warmup=fv.warmup)
+
+  result = {
+      'model': fields.name if fv.model not in FROM_CONFIG else fv.model,
+      'mode': fv.mode, 'batch': batch, 'image_size': shape[0],
+      'channels': shape[2], 'num_classes': num_classes, 'dtype': fv.dtype,
+      'steps': fv.steps, 'repeats': fv.repeats, 'warmup': fv.warmup,
+      'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
+      'num_devices': facts['num_devices'], 'cpu': bench_timing.cpu_name(),
+      'params': facts['params'], 'compile_s': facts['compile_s'],
+      'peak_rss_mb': rss}
+  result.update(bench_timing.summarize(times['jax'], batch))
+  result.update(bench_timing.efficiency(
+      facts['flops_per_step'], result['step_ms'] / 1e3, facts['num_devices']))
+  device_peak = parallel.device_peak_memory()
+  if device_peak is not None:
+    result['device_peak_mb'] = device_peak / 2**20
+  result.update(extra)
+  if 'timm' in times:
+    result.update(bench_timing.summarize(times['timm'], batch, prefix='timm_'))
+    ratios = [t / j for j, t in zip(times['jax'], times['timm'])]
+    result['ratio_vs_timm_runs'] = ratios
+    result['ratio_vs_timm'] = statistics.median(ratios)
+  if 'pipeline' in times:
+    result.update(bench_timing.summarize(times['pipeline'], batch,
+                                         prefix='pipeline_'))
+    result['pipeline_over_step'] = statistics.median(
+        [j / p for j, p in zip(times['jax'], times['pipeline'])])
+  return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+  """A few human-readable lines; the JSON holds everything."""
+  mfu = f"{100 * r['mfu']:.1f}%" if r.get('mfu') is not None else 'n/a'
+  lines = [
+      f"{r['model']} {r['mode']} batch {r['batch']} at {r['image_size']}px "
+      f"({r['dtype']}, {r['num_devices']} {r['backend']} device(s), {r['cpu']})",
+      f"  ours: {r['img_per_sec']:.1f} img/s, {r['step_ms']:.1f} ms/step, "
+      f"compile {r['compile_s']:.1f}s, MFU {mfu}, peak RSS {r['peak_rss_mb']:.0f} MB"]
+  if 'timm_img_per_sec' in r:
+    lines.append(f"  timm: {r['timm_img_per_sec']:.1f} img/s, "
+                 f"{r['timm_step_ms']:.1f} ms/step ({r['torch_threads']} torch "
+                 f"threads); ours/timm {r['ratio_vs_timm']:.2f}x (median of "
+                 f"{len(r['ratio_vs_timm_runs'])} interleaved rounds)")
+  if 'pipeline_img_per_sec' in r:
+    lines.append(f"  input pipeline ({r['pipeline_dataset']}): "
+                 f"{r['pipeline_img_per_sec']:.0f} img/s = "
+                 f"{r['pipeline_over_step']:.1f}x the train step")
+  return '\n'.join(lines)
+
+
+def main(fv: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  result = benchmark(fv)
+  print(format_result(result))
+  if fv.json:
+    with open(fv.json, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  sys.exit(cli.run(define_flags, main, doc=__doc__))
