@@ -18,10 +18,11 @@ Augmentation levels -> (RandAugment layers, magnitude, mixup alpha), verified
 against big_vision's configs/vit_i21k.py (RANDAUG_DEF / MIXUP_DEF):
   none (0, -, 0), light1 (2, 0, 0), light2 (2, 10, 0.2), medium1 (2, 15, 0.2),
   medium2 (2, 15, 0.5), strong1 (2, 20, 0.5), strong2 (2, 20, 0.8).
-light1 is RandAugment at magnitude 0, which still applies the parameterless ops
-(AutoContrast, Equalize, Invert). Magnitudes are on the TF/big_vision scale
-(vit_jax/data/augment.py: 10 = each op's reference maximum, 15 and 20
-extrapolate).
+Magnitudes are on the TF/big_vision scale with its magnitude rules
+(`pp.randaugment_rule='reference'`, vit_jax/data/augment_rules.py: 10 = each
+op's reference maximum, 15 and 20 extrapolate). Under those rules light1's
+magnitude 0 is not a no-op: Posterize keeps 1 bit, Solarize inverts every
+pixel and the enhance ops use factor 0.1, as in the runs behind the numbers.
 
 Recipe (same source): batch 4096, Adam b2 0.999 (first moment in bfloat16),
 lr 1e-3, 10k warmup steps then cosine, global-norm clip 1.0, inception crop +

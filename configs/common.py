@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.name = 'sgd'        # 'sgd' | 'adam' | 'adamw'
   config.optim.momentum = 0.9      # sgd
   config.optim.nesterov = False    # sgd
-  config.optim.accumulator_dtype = 'float32'  # sgd momentum dtype ('bfloat16' saves memory)
+  config.optim.accumulator_dtype = 'float32'  # sgd momentum / Adam mu dtype ('bfloat16' saves memory)
   config.optim.b1 = 0.9            # adam/adamw
   config.optim.b2 = 0.999          # adam/adamw
   config.optim.eps = 1e-8          # adam/adamw

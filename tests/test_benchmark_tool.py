@@ -125,6 +125,7 @@ def test_pipeline_mode(digits_dir, tmp_path):
   result = _run([
       f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
       f'--config.data_dir={digits_dir}', '--config.image_size=16',
+      '--config.model.patch_size=(4,4)',
       '--config.prefetch=1', '--pipeline', '--model=ViT-test_4', '--batch=8',
       '--steps=1', '--repeats=2', '--warmup=1'], tmp_path)
   _assert_positive(result, FIELDS + ('pipeline_img_per_sec', 'pipeline_over_step'))

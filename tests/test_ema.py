@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from configs import common
 from tiny import tiny_config
@@ -145,34 +144,32 @@ def test_resume_with_another_ema_setting_is_refused(tmp_path):
 
 def test_loop_evaluates_saves_and_resumes_the_ema_exactly(tmp_path):
   config = tiny_config(
-      tmp_path, dataset='fashion_mnist', tfds_reader='as_dataset', image_size=8,
-      channels=3, batch_size=16, eval_batch_size=16, total_steps=4,
-      eval_every=4, checkpoint_every=2, ema_decay=0.9, shuffle_buffer=16)
+      tmp_path / 'tfds', batch_size=16, eval_batch_size=64, total_steps=4,
+      eval_every=4, checkpoint_every=2, ema_decay=0.9)
   config.model.num_layers = 1
   config.model.dropout_rate = 0.1  # The rng matters for the resume.
   workdir, resumed = tmp_path / 'w', tmp_path / 'resumed'
-  with tfds.testing.mock_data(num_examples=16):
-    final = trainer.train_and_evaluate(config, str(workdir))
-    for name in ('top1', 'top5', 'loss'):
-      assert np.isfinite(final[f'eval_test_ema_{name}'])
-    rows = [r for r in metrics.read_metrics(str(workdir))
-            if 'eval_test_ema_top1' in r]
-    assert [r['step'] for r in rows] == [4]
-    ema = checkpoint.load_params(str(workdir), ema=True)
-    params = checkpoint.load_params(str(workdir))
-    assert max(np.abs(a - b).max() for a, b in
-               zip(jax.tree.leaves(ema), jax.tree.leaves(params))) > 0
-    # Lose the last checkpoint (as a kill after step 2's save would): the
-    # resumed run ends bitwise equal, EMA included.
-    shutil.copytree(workdir, resumed)
-    shutil.rmtree(resumed / 'checkpoints' / '4')
-    trainer.train_and_evaluate(config, str(resumed))
-    for use_ema in (False, True):
-      for a, b in zip(
-          jax.tree.leaves(checkpoint.load_params(str(workdir), ema=use_ema)),
-          jax.tree.leaves(checkpoint.load_params(str(resumed), ema=use_ema))):
-        np.testing.assert_array_equal(a, b)
-    # The same workdir with EMA off is another run: refused, clearly.
-    config.ema_decay = 0.0
-    with pytest.raises(validation.ConfigError, match='ema_decay'):
-      trainer.train_and_evaluate(config, str(workdir))
+  final = trainer.train_and_evaluate(config, str(workdir))
+  for name in ('top1', 'top5', 'loss'):
+    assert np.isfinite(final[f'eval_test_ema_{name}'])
+  rows = [r for r in metrics.read_metrics(str(workdir))
+          if 'eval_test_ema_top1' in r]
+  assert [r['step'] for r in rows] == [4]
+  ema = checkpoint.load_params(str(workdir), ema=True)
+  params = checkpoint.load_params(str(workdir))
+  assert max(np.abs(a - b).max() for a, b in
+             zip(jax.tree.leaves(ema), jax.tree.leaves(params))) > 0
+  # Lose the last checkpoint (as a kill after step 2's save would): the
+  # resumed run ends bitwise equal, EMA included.
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '4')
+  trainer.train_and_evaluate(config, str(resumed))
+  for use_ema in (False, True):
+    for a, b in zip(
+        jax.tree.leaves(checkpoint.load_params(str(workdir), ema=use_ema)),
+        jax.tree.leaves(checkpoint.load_params(str(resumed), ema=use_ema))):
+      np.testing.assert_array_equal(a, b)
+  # The same workdir with EMA off is another run: refused, clearly.
+  config.ema_decay = 0.0
+  with pytest.raises(validation.ConfigError, match='ema_decay'):
+    trainer.train_and_evaluate(config, str(workdir))

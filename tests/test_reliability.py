@@ -72,7 +72,8 @@ def _args(workdir, data_dir, *extra):
   """train.py flags of a 16-step run with dropout (so the rng matters)."""
   return ['--config=configs/quickstart.py', f'--workdir={workdir}',
           '--config.dataset=digits', f'--config.data_dir={data_dir}',
-          '--config.image_size=16', '--config.model.num_layers=1',
+          '--config.image_size=16',
+          '--config.model.patch_size=(4,4)', '--config.model.num_layers=1',
           '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
           '--config.model.dropout_rate=0.1', f'--config.total_steps={TOTAL}',
           '--config.lr.warmup_steps=2', '--config.log_every=1',

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common
 from vit_jax import checkpoint
 from vit_jax import metrics
 from vit_jax import models
@@ -25,20 +24,14 @@ from vit_jax import steps
 from vit_jax import trainer
 from vit_jax import validation
 
+from tiny import step_config
 from tiny import tiny_config
 
 IMAGE_SHAPE = (16, 16, 3)
 FSDP_ALL = (('.*', 'fsdp'),)
 
 
-def _config(**overrides):
-  config = common.get_config()
-  config.optim.name = 'adamw'
-  config.lr.base = 1e-3
-  config.lr.warmup_steps = 1
-  config.weight_decay = 0.01
-  config.update(overrides)
-  return config
+_config = step_config
 
 
 def _init(mesh, rules, fsdp_min_size=0):

@@ -7,23 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import steps
 
+from tiny import step_config
+
 IMAGE_SHAPE = (16, 16, 3)
 
 
-def _config(**overrides):
-  config = common.get_config()
-  config.optim.name = 'adamw'
-  config.lr.base = 1e-3
-  config.lr.warmup_steps = 1
-  config.weight_decay = 0.01
-  config.update(overrides)
-  return config
+_config = step_config
 
 
 def _batches(num, batch_size, seed=0):

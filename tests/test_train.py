@@ -140,7 +140,8 @@ def test_train_py_cli_overrides_and_writes_workdir(data_dir, tmp_path):
   proc = _run_train_py(
       '--config=configs/quickstart.py', f'--workdir={workdir}',
       '--config.dataset=digits', f'--config.data_dir={data_dir}',
-      '--config.image_size=16', '--config.model.num_layers=1',
+      '--config.image_size=16',
+      '--config.model.patch_size=(4,4)', '--config.model.num_layers=1',
       '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
       '--config.total_steps=3', '--config.lr.warmup_steps=1',
       '--config.log_every=1', '--config.batch_size=16',

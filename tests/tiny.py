@@ -26,3 +26,14 @@ def tiny_config(data_dir, **overrides):
   config.update(overrides)
   config.lock()
   return config
+
+
+def step_config(**overrides):
+  """Default keys plus AdamW at 1e-3: what step-level tests build steps from."""
+  config = common.get_config()
+  config.optim.name = 'adamw'
+  config.lr.base = 1e-3
+  config.lr.warmup_steps = 1
+  config.weight_decay = 0.01
+  config.update(overrides)
+  return config

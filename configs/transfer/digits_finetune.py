@@ -22,12 +22,12 @@ See README, "Fine-tuning" for the lr check of the scratch baseline.
 import ml_collections
 
 from configs import common
-from configs import quickstart
+from configs.transfer import fashion_mnist_pretrain
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = common.get_config()
-  config.model = quickstart.get_config().model  # The pre-trained architecture.
+  config.model = fashion_mnist_pretrain.model_section()  # The pre-trained one.
   config.pretrained_path = 'runs/transfer/fashion_mnist_pretrain'
   config.dataset = 'digits'
   config.train_split = 'train[:300]'

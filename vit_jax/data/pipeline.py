@@ -1,7 +1,7 @@
 """Train and eval iterators: host-local numpy batches.
 
 Train batches are `{'image': float32 [B, S, S, C] in [-1, 1], 'label': int32
-[B]}`; eval batches add `'mask': bool [B]` (False on padding). `B` is the
+[B]}` (random erasing's noise boxes, when on, may leave [-1, 1]); eval batches add `'mask': bool [B]` (False on padding). `B` is the
 local (per-process) batch, `S = config.image_size`, `C = config.channels`.
 
 Training stream (see order.py for the position arithmetic). The example at
