@@ -71,8 +71,8 @@ def test_quickstart_model_takes_its_config_shape():
       'ViT-test_4', 128, (28, 28, 1), 10)
   # A flag on the command line still wins.
   _, shape, classes = benchmark.resolve_shape(
-      _flags(['--model=quickstart', '--image_size=32', '--num_classes=3']))
-  assert (shape, classes) == ((32, 32, 1), 3)
+      _flags(['--model=quickstart', '--image_size=35', '--num_classes=3']))
+  assert (shape, classes) == ((35, 35, 1), 3)
   _, shape, classes = benchmark.resolve_shape(_flags(['--model=ViT-S_16']))
   assert (shape, classes) == ((224, 224, 3), 1000)
 
