@@ -41,26 +41,31 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> in
 
 def evaluate(eval_step, params: Any, config: ml_collections.ConfigDict,
              split: str, mesh: jax.sharding.Mesh,
-             tag: str = '') -> dict[str, float]:
+             ema_params: Any = None) -> dict[str, float]:
   """Top-1, top-5 and loss over every example of `split` (padding masked out).
 
-  Names are `eval_<split><tag>_top1` etc.; tag '_ema' for the EMA params.
+  Names are `eval_<split>_top1` etc. With `ema_params`, each batch is read once
+  and scored by both parameter sets; the EMA's names are `eval_<split>_ema_*`.
   """
-  sums = None
+  tagged = {'': params} if ema_params is None else {'': params, '_ema': ema_params}
+  sums = dict.fromkeys(tagged)
   local_batch = parallel.local_batch_size(config.eval_batch_size)
   for local in data.eval_iterator(
       config, split, local_batch_size=local_batch,
       process_index=jax.process_index(), process_count=jax.process_count()):
-    out = eval_step(params, parallel.to_global_batch(local, mesh))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.device_get(sums)
-  count = float(sums['count'])
-  name = validation.split_name(split)
-  name += tag
-  return {f'eval_{name}_top1': float(sums['top1']) / count,
-          f'eval_{name}_top5': float(sums['top5']) / count,
-          f'eval_{name}_loss': float(sums['loss']) / count,
-          f'eval_{name}_count': count}
+    batch = parallel.to_global_batch(local, mesh)
+    for tag, tree in tagged.items():
+      out = eval_step(tree, batch)
+      sums[tag] = out if sums[tag] is None else jax.tree.map(jnp.add, sums[tag], out)
+  results = {}
+  for tag, tag_sums in jax.device_get(sums).items():
+    count = float(tag_sums['count'])
+    name = validation.split_name(split) + tag
+    results.update({f'eval_{name}_top1': float(tag_sums['top1']) / count,
+                    f'eval_{name}_top5': float(tag_sums['top5']) / count,
+                    f'eval_{name}_loss': float(tag_sums['loss']) / count,
+                    f'eval_{name}_count': count})
+  return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -178,10 +183,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def evaluate_all(step: int) -> None:
     for split in eval_splits:
-      result = evaluate(eval_step, state.params, config, split, mesh)
-      if state.ema_params is not None:  # Sharded like params: same eval_step.
-        result.update(evaluate(eval_step, state.ema_params, config, split, mesh,
-                               tag='_ema'))
+      # The EMA is sharded like the params: the same eval_step serves both.
+      result = evaluate(eval_step, state.params, config, split, mesh,
+                        ema_params=state.ema_params)
       writer.write(step, result)
       final.update(result)
       logging.info('step %d: %s', step, ', '.join(
