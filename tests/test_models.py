@@ -234,6 +234,27 @@ def test_initialisation_follows_the_reference():
   assert 0 < float(np.abs(mlp_bias).max()) < 1e-4
 
 
+@pytest.mark.parametrize('patch, size, channels',
+                         [((4, 4), 16, 3), ((7, 7), 28, 1), ((8, 4), 16, 3)])
+def test_patch_embedding_is_the_strided_conv(patch, size, channels):
+  """Same parameters (names, shapes, init) and outputs as the released conv."""
+  import flax.linen as nn
+  from vit_jax.models.vit import PatchEmbedding
+  images = jax.random.normal(jax.random.key(1), (2, size, size, channels))
+  conv = nn.Conv(24, patch, strides=patch, padding='VALID')
+  ours = PatchEmbedding(24, patch)
+  conv_params = conv.init(jax.random.key(0), images)
+  our_params = ours.init(jax.random.key(0), images)
+  assert jax.tree.map(np.shape, conv_params) == jax.tree.map(np.shape, our_params)
+  for a, b in zip(jax.tree.leaves(conv_params), jax.tree.leaves(our_params)):
+    np.testing.assert_array_equal(a, b)
+  # Random (non-zero) bias so the test sees it added.
+  params = jax.tree.map(
+      lambda p: jax.random.normal(jax.random.key(2), p.shape), conv_params)
+  np.testing.assert_allclose(ours.apply(params, images),
+                             conv.apply(params, images), rtol=1e-5, atol=1e-5)
+
+
 def test_sincos2d_posemb_has_no_parameters_and_known_values():
   params = _param_shapes('ViT-test_4', 16, 10, posemb='sincos2d', classifier='gap')
   assert 'posembed_input' not in params['Transformer']

@@ -70,15 +70,19 @@ class MultiHeadDotProductAttention(nn.Module):
     if self.impl == 'fused' and not use_dropout:
       out = jax.nn.dot_product_attention(query, key, value)
     else:
+      # Heads-major copies first: XLA's CPU dot emitter is ~3x slower on the
+      # batched products when the head axis sits between tokens and features,
+      # and an explicit transpose is cheap next to either product.
+      query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
       scale = 1.0 / jnp.sqrt(head_dim).astype(self.dtype)
-      logits = jnp.einsum('bqhd,bkhd->bhqk', query * scale, key)
+      logits = jnp.einsum('bhqd,bhkd->bhqk', query * scale, key)
       # Softmax in float32: bf16 logits lose too much in the normaliser.
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       self.sow('intermediates', 'attention_weights', weights)
       weights = weights.astype(self.dtype)
       if use_dropout:
         weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
-      out = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+      out = jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, value), 1, 2)
 
     return nn.DenseGeneral(
         features=hidden, axis=(-2, -1), dtype=self.dtype,
