@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from vit_jax import data
+from vit_jax import flops
 from vit_jax.tools import bench_pipeline
 from vit_jax.tools import benchmark
 from vit_jax.tools import cli
@@ -51,7 +52,7 @@ def test_reports_every_field(mode, tmp_path):
   assert result['params'] == 18_602  # ViT-test_4, 1 channel, 10 classes.
   # Training costs about 3x the forward pass; the tiny model's forward is
   # dominated by its matmuls, so the cost analysis lands near the analytic count.
-  forward = 8 * benchmark.metrics.vit_forward_flops(
+  forward = 8 * flops.vit_forward_flops(
       32, 2, 64, 17, 4, 1, 10)
   ratio = result['flops_per_step'] / forward
   assert (2.5 < ratio < 4.5) if mode == 'train' else (0.9 < ratio < 1.6), ratio

@@ -16,10 +16,10 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import data
+from vit_jax import flops
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
@@ -162,16 +162,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t0 = time.time()
   lowered = train_step.lower(abstract_state, batch_spec)
   train_step = lowered.compile()
-  flops = metrics.train_step_flops(lowered, model, image_shape, config.batch_size,
-                                   config.accum_steps)
+  step_flops = flops.train_step_flops(lowered, model, image_shape,
+                                      config.batch_size, config.accum_steps)
   logging.info('Compiled the train step in %.1fs (%.3g FLOP/step)',
-               time.time() - t0, flops or float('nan'))
+               time.time() - t0, step_flops or float('nan'))
 
   # ------------------------------------------------------------------ loop
   writer = metrics.MetricsLogger(workdir, enabled=is_main, resume_step=start_step)
   timer = metrics.StepTimer(
-      config.batch_size, flops_per_step=flops, num_devices=mesh.devices.size,
-      peak_flops_per_device=metrics.peak_flops_per_device(
+      config.batch_size, flops_per_step=step_flops, num_devices=mesh.devices.size,
+      peak_flops_per_device=flops.peak_flops_per_device(
           jax.devices()[0], override=config.peak_flops))
   train_iter = data.train_iterator(
       config, local_batch_size=parallel.local_batch_size(config.batch_size),

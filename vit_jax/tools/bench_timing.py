@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from vit_jax import metrics
+from vit_jax import flops
 
 # run(n): at least n steps, returns when they have finished, and how many ran.
 Run = Callable[[int], int]
@@ -52,15 +52,16 @@ def summarize(seconds: list[float], batch: int, prefix: str = '') -> dict[str, A
           f'{prefix}img_per_sec_runs': [batch / s for s in seconds]}
 
 
-def efficiency(flops: Optional[float], step_s: float, num_devices: int
+def efficiency(step_flops: Optional[float], step_s: float, num_devices: int
                ) -> dict[str, Any]:
   """flops_per_sec and mfu (None where cost analysis or the peak is unknown)."""
-  peak = metrics.peak_flops_per_device(jax.devices()[0])
-  if not flops:
+  peak = flops.peak_flops_per_device(jax.devices()[0])
+  if not step_flops:
     return {'flops_per_step': None, 'flops_per_sec': None, 'mfu': None,
             'peak_flops_per_device': peak}
-  return {'flops_per_step': flops, 'flops_per_sec': flops / step_s,
-          'mfu': metrics.mfu(flops, step_s, num_devices, peak) if peak else None,
+  return {'flops_per_step': step_flops, 'flops_per_sec': step_flops / step_s,
+          'mfu': (flops.mfu(step_flops, step_s, num_devices, peak)
+                  if peak else None),
           'peak_flops_per_device': peak}
 
 

@@ -25,7 +25,7 @@ input never starves the step. `--pipeline_jpegs=N` first writes N random JPEGs
 (10 classes) to a temporary image folder and reads that instead.
 
 FLOPs are XLA's cost analysis of the lowered step (global batch); MFU is
-against metrics.peak_flops_per_device (datasheet bf16 on GPU/TPU, a measured
+against flops.peak_flops_per_device (datasheet bf16 on GPU/TPU, a measured
 float32 matmul on CPU). `peak_rss_mb` is the process's peak resident memory
 when our step has run, before torch is imported.
 """
@@ -46,7 +46,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from vit_jax import metrics
+from vit_jax import flops
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
@@ -220,9 +220,10 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
     return n
 
   tree = holder['state'].params if mode == 'train' else params
-  flops = (metrics.train_step_flops(lowered, model, shape, batch, config.accum_steps)
-           if mode == 'train' else metrics.step_flops(lowered))
-  return run, {'compile_s': compile_s, 'flops_per_step': flops,
+  step_flops = (
+      flops.train_step_flops(lowered, model, shape, batch, config.accum_steps)
+      if mode == 'train' else flops.step_flops(lowered))
+  return run, {'compile_s': compile_s, 'flops_per_step': step_flops,
                'num_devices': mesh.devices.size,
                'params': sum(x.size for x in jax.tree.leaves(tree))}
 

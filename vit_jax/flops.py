@@ -1,0 +1,159 @@
+"""FLOPs of a step and the peak they are measured against (MFU).
+
+Two sources of FLOPs: XLA's cost analysis of the lowered program (exact for
+what runs, but it counts a loop body once) and analytic ViT formulas (matmuls
+only) that correct it for gradient accumulation and scanned layers. The peak is
+a datasheet number on TPU/GPU and a measured float32 matmul on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+
+def mfu(flops_per_step: float, step_time_s: float, num_devices: int,
+        peak_flops_per_device: float) -> float:
+  """Model FLOPs utilisation: achieved FLOP/s over the devices' peak, as 0..1.
+
+  `flops_per_step` counts the whole step over all devices (global batch, forward
+  and backward; a multiply-add is 2 FLOPs).
+  """
+  if step_time_s <= 0 or num_devices <= 0 or peak_flops_per_device <= 0:
+    raise ValueError('step_time_s, num_devices and peak_flops_per_device must be '
+                     f'positive, got {step_time_s}, {num_devices}, '
+                     f'{peak_flops_per_device}.')
+  return flops_per_step / step_time_s / (num_devices * peak_flops_per_device)
+
+
+def step_flops(compiled_or_lowered: Any) -> float | None:
+  """FLOPs of one call of a jitted function, from XLA's cost analysis.
+
+  Pass `jax.jit(f).lower(*args)` for the global count that `mfu` expects. A
+  `.compile()`d SPMD program reports the FLOPs of one device's partition instead
+  (multiply by the device count). XLA counts a loop body once, so a step that
+  scans over accum_steps micro-batches reports about one micro-batch: multiply
+  by accum_steps, or use the analytic `vit_forward_flops`. Returns None when the
+  backend offers no cost analysis.
+  """
+  try:
+    analysis = compiled_or_lowered.cost_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('XLA cost analysis unavailable: %s', e)
+    return None
+  if isinstance(analysis, Mapping):
+    analysis = [analysis]
+  flops = [a.get('flops') for a in analysis or () if a]
+  flops = [f for f in flops if f is not None and f >= 0]
+  return float(sum(flops)) if flops else None
+
+
+def vit_forward_flops(hidden: int, depth: int, mlp_dim: int, num_tokens: int,
+                      patch: int, channels: int, num_classes: int, *,
+                      cls_token: bool = True) -> float:
+  """Analytic forward FLOPs of one image through a ViT (multiply-add = 2).
+
+  Counts the matmuls only (patch embedding, q/k/v/out projections, the two
+  attention products, the MLP, the head); norms, softmax and GELU are under 1%.
+  `num_tokens` is the encoder's sequence length (197 for /16 at 224 with a cls
+  token). Training costs about 3x this (backward = 2x forward).
+  """
+  patches = num_tokens - int(cls_token)
+  embed = 2.0 * patches * patch * patch * channels * hidden
+  head = 2.0 * hidden * num_classes
+  return embed + depth * vit_block_flops(hidden, mlp_dim, num_tokens) + head
+
+
+def vit_block_flops(hidden: int, mlp_dim: int, num_tokens: int) -> float:
+  """Analytic forward FLOPs of one encoder block for one image (matmuls only)."""
+  attention = 4 * num_tokens * hidden * hidden + 2 * num_tokens * num_tokens * hidden
+  mlp = 2 * num_tokens * hidden * mlp_dim
+  return 2.0 * (attention + mlp)
+
+
+def train_step_flops(lowered: Any, model: Any, image_shape: tuple[int, ...],
+                     batch_size: int, accum_steps: int = 1) -> float | None:
+  """Global FLOPs of one train step: XLA's count, corrected for its loops.
+
+  XLA counts a loop body once. Gradient accumulation scans over `accum_steps`
+  micro-batches (multiply); a ViT with `scan_layers` runs its blocks as one
+  loop, so (num_layers - 1) blocks are added analytically, at 3x the forward
+  (backward = 2x). Returns None when the backend has no cost analysis, or for
+  a scanned model whose token count this cannot tell (a ResNet stem).
+  """
+  flops = step_flops(lowered)
+  if not flops:
+    return flops
+  if getattr(model, 'scan_layers', False):
+    if getattr(model, 'resnet', None) is not None:
+      return None
+    ph, pw = model.patch_size
+    tokens = ((image_shape[0] // ph) * (image_shape[1] // pw) +
+              int(model.classifier in ('token', 'token_unpooled')))
+    micro_batch = batch_size // accum_steps
+    flops += (model.num_layers - 1) * 3 * micro_batch * vit_block_flops(
+        model.hidden_size, model.mlp_dim, tokens)
+  return flops * accum_steps
+
+
+# Datasheet dense bfloat16 peaks per JAX device, matched in order against
+# device_kind (lowercase). TPU v2/v3 expose each of a chip's two cores as a device.
+_PEAK_FLOPS = (
+    (r'tpu v6 ?(lite|e)', 918e12),
+    (r'tpu v5 ?(lite|e)', 197e12),
+    (r'tpu v5p?\b', 459e12),
+    (r'tpu v4', 275e12),
+    (r'tpu v3', 123e12 / 2),
+    (r'tpu v2', 45e12 / 2),
+    (r'h100.*pcie', 756e12),
+    (r'h100|h200|gh200', 989e12),
+    (r'a100', 312e12),
+    (r'l40s', 362e12),
+    (r'\bl4\b', 121e12),
+    (r'\ba10g?\b', 125e12),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best-of-`repeats` FLOP/s of a jitted float32 [n, n] @ [n, n] on this CPU."""
+  x = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda a, b: a @ b)
+  matmul(x, x).block_until_ready()  # Compile and warm up.
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x, x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device(device: Any = None,
+                          override: float | None = None) -> float | None:
+  """Peak FLOP/s of one device, the denominator of MFU.
+
+  `override` (config.peak_flops) wins. TPUs and common NVIDIA GPUs use their
+  datasheet dense bfloat16 peak. On CPU there is no datasheet number, so MFU is
+  against a measured peak: the best time of a jitted float32 1024x1024 matmul,
+  measured once per process and shared among the process's CPU devices (they run
+  on the same cores). Unknown accelerators return None (MFU is then not logged).
+  """
+  if override:
+    return float(override)
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    return _measured_cpu_flops() / max(len(jax.local_devices(backend='cpu')), 1)
+  kind = device.device_kind.lower()
+  for pattern, peak in _PEAK_FLOPS:
+    if re.search(pattern, kind):
+      return peak
+  logging.warning('No peak FLOP/s known for %r; set config.peak_flops for MFU.',
+                  device.device_kind)
+  return None
