@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.skip_bad_images = False   # Image folders: skip unreadable files (warn), not fail.
   config.tfds_reader = 'shards'    # 'shards' | 'as_dataset' (any TFDS format, mock_data).
   config.pp = ml_collections.ConfigDict()
-  config.pp.train_crop = 'inception'   # 'inception' | 'random' | 'resize'
+  config.pp.train_crop = 'inception'   # 'inception' | 'random' | 'resize' | 'pad'
+  config.pp.crop_padding = 4           # train_crop='pad': border in pixels.
   config.pp.area_min = 0.05            # Inception crop: smallest area fraction.
   config.pp.flip = True
   config.pp.eval_crop_fraction = 1.0   # < 1: resize to size/fraction, central crop.

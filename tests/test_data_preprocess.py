@@ -78,6 +78,26 @@ def test_random_crop_shape_determinism_and_content():
   assert len(outs) > 1
 
 
+def test_pad_crop_shifts_without_zoom():
+  image = _image(28, 28, 1)
+  padded = np.pad(image.numpy().astype(np.float32), [(2, 2), (2, 2), (0, 0)])
+  offsets = set()
+  for seed in _seeds(40):
+    out = preprocess.pad_crop(image, seed, 28, 2).numpy()
+    assert out.shape == (28, 28, 1)
+    np.testing.assert_array_equal(
+        out, preprocess.pad_crop(image, seed, 28, 2).numpy())
+    # A window of the zero-bordered image at the original scale.
+    matches = [(y, x) for y in range(5) for x in range(5)
+               if np.array_equal(padded[y:y + 28, x:x + 28], out)]
+    assert matches
+    offsets.add(matches[0])
+  assert len(offsets) > 5  # Shifts both ways, not one fixed offset.
+  np.testing.assert_array_equal(  # No border: the image itself.
+      preprocess.pad_crop(image, SEED, 28, 0).numpy(),
+      image.numpy().astype(np.float32))
+
+
 def test_central_crop():
   image = _image(32, 32, 3)
   out = preprocess.central_crop(image, 16, 0.5)  # Resize to 32: no-op.
@@ -145,7 +165,8 @@ def test_eval_preprocess(fraction):
 
 
 @pytest.mark.parametrize('bad', [dict(train_crop='center'), dict(area_min=0.0),
-                                 dict(eval_crop_fraction=1.5)])
+                                 dict(eval_crop_fraction=1.5),
+                                 dict(crop_padding=-1), dict(crop_padding=2.5)])
 def test_check_pp_rejects(bad):
   with pytest.raises(ValueError):
     preprocess.check_pp(_pp(**bad))

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from configs import augreg
 from configs import deit_s
+from configs import fashion_mnist_long
 from configs import vit_s16_i1k
 from test_paper_configs import parse
 from test_paper_configs import SHRINK
@@ -92,6 +93,27 @@ def test_paper_numbers_are_in_the_docstrings():
   for module, number in numbers:
     assert number in module.__doc__, (module.__name__, number)
     assert 'paper number' in module.__doc__.lower()
+
+
+def test_fashion_mnist_long_trains_its_own_model_offline(tmp_path):
+  """The long recipe as written (hybrid model, 28 px, pad crop, erasing, EMA)
+  for 3 steps on the offline Fashion-MNIST files; only the length shrinks."""
+  config = parse('fashion_mnist_long.py')
+  assert fashion_mnist_long.__doc__ and config.model.name == 'R-test+ViT-test'
+  assert (config.pp.train_crop, config.pp.crop_padding, config.ema_decay) == (
+      'pad', 2, 0.999)
+  validation.check_config(config)
+  config.update(dict(batch_size=16, eval_batch_size=16, total_steps=3,
+                     log_every=1, eval_every=3, checkpoint_every=3,
+                     write_plot=False, eval_splits='test[:32]'))
+  config.total_epochs = None
+  config.lr.warmup_steps = 1
+  workdir = str(tmp_path / 'w')
+  final = trainer.train_and_evaluate(config, workdir)
+  split = validation.split_name(config.eval_splits)
+  assert final[f'eval_{split}_count'] == 32
+  assert np.isfinite(final[f'eval_{split}_top1'])
+  assert np.isfinite(final[f'eval_{split}_ema_top1'])
 
 
 RUN_SPECS = ['vit_s16_i1k.py:epochs=90',

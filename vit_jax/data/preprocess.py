@@ -16,6 +16,11 @@ Decoded images are uint8 in [0, 255]; `resize` returns float32 in [0, 255] and
                           28), then a uniformly placed `size` x `size` crop; no
                           padding;
   train_crop='resize'     plain resize to `size`;
+  train_crop='pad'        plain resize to `size`, zero (black) border of
+                          `crop_padding` pixels, then a uniformly placed
+                          `size` x `size` crop: shifts without zoom, so train
+                          and eval see objects at the same scale (the
+                          CIFAR/Fashion-MNIST recipe);
   flip                    random horizontal flip;
   randaugment_layers      > 0: RandAugment(layers, randaugment_magnitude) on
                           the uint8 image after crop and flip (augment.py),
@@ -34,7 +39,7 @@ import tensorflow as tf
 
 from vit_jax.data import augment
 
-TRAIN_CROPS = ('inception', 'random', 'resize')
+TRAIN_CROPS = ('inception', 'random', 'resize', 'pad')
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -68,6 +73,18 @@ def inception_crop(image: tf.Tensor, seed: tf.Tensor,
 def random_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """Resize to `round(size * 8 / 7)`, then a random `[size, size, C]` crop."""
   image = resize(image, int(round(size * 8 / 7)))
+  return tf.image.stateless_random_crop(
+      image, [size, size, image.shape[-1]], seed)
+
+
+def pad_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+             padding: int) -> tf.Tensor:
+  """Resize to `size`, pad `padding` zeros on every side, random `size` crop.
+
+  A shift of up to `padding` pixels in each direction, scale unchanged.
+  """
+  image = resize(image, size)
+  image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
   return tf.image.stateless_random_crop(
       image, [size, size, image.shape[-1]], seed)
 
@@ -133,6 +150,10 @@ def check_pp(pp) -> None:
                      f'of {TRAIN_CROPS}.')
   if not 0.0 < pp.area_min <= 1.0:
     raise ValueError(f'config.pp.area_min={pp.area_min} must be in (0, 1].')
+  padding = pp.get('crop_padding', 4)
+  if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+    raise ValueError(f'config.pp.crop_padding={padding!r} must be an integer '
+                     ">= 0 (pixels of border for train_crop='pad').")
   if not 0.0 < pp.eval_crop_fraction <= 1.0:
     raise ValueError(f'config.pp.eval_crop_fraction={pp.eval_crop_fraction} '
                      'must be in (0, 1].')
@@ -178,6 +199,8 @@ def train_preprocess(
       image = resize(inception_crop(image, crop_seed, pp.area_min), size)
     elif pp.train_crop == 'random':
       image = random_crop(image, crop_seed, size)
+    elif pp.train_crop == 'pad':
+      image = pad_crop(image, crop_seed, size, pp.get('crop_padding', 4))
     else:
       image = resize(image, size)
     if pp.flip:
