@@ -21,7 +21,9 @@ Dtype = Any
 #             probabilities (`intermediates/.../attention_weights`).
 #   'fused' : jax.nn.dot_product_attention, which picks a fused kernel where the
 #             backend has one (cuDNN flash attention on GPU for bf16/fp16) and
-#             XLA's own composition elsewhere (CPU, TPU, float32 on GPU).
+#             XLA's own composition elsewhere (CPU, TPU, float32 on GPU);
+#             on CPU that composition is ~1.8x slower than 'xla' (ViT-Ti/16
+#             shapes, forward), so keep 'xla' there.
 #             Same params and, in float32, the same numbers to ~1e-6; in bf16 a
 #             fused kernel may round differently from 'xla'. It never sows
 #             weights, and it falls back to the explicit path while training
