@@ -18,7 +18,9 @@ shifts of up to 2 pixels with a black border (no zoom, so train and test see
 the same scale), mirror, random erasing on 10% of the images, label smoothing
 0.1, and an EMA of the weights (decay 0.999) evaluated next to the raw weights.
 
-Measured result and wall time: README, "Training recipes from scratch".
+Measured (2-core CPU, 1 device, float32, one run): 90.97% Fashion-MNIST test
+top-1 (EMA 90.85%) in 59m16s wall; 90.8% already after 12 epochs, so the recipe
+has flattened below its 93.5% goal. README, "Training recipes from scratch".
 """
 
 import ml_collections
