@@ -10,9 +10,14 @@ import sys
 # The 8 simulated devices meet in every all-reduce; on a loaded 2-core machine one
 # device thread can be descheduled for longer than XLA's default 40 s, which
 # aborts the whole worker process ("Termination timeout for all reduce").
+# Eigen's intra-op thread pool off: with 8 devices and 2 xdist workers on 2
+# cores, a train step once wedged with every XLA thread parked on a futex (no
+# CPU used, no timeout fired); single-threaded Eigen ops per device avoid that
+# known XLA CPU pool wedge and oversubscribe the cores less.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8'
                            ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
+                           ' --xla_cpu_multi_thread_eigen=false'
                            ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The repo root, so tests can import `configs`.
