@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from vit_jax.models.conv_stem import conv_stem_grid
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.resnet import stem_stride
 from vit_jax.models.vit import VisionTransformer
@@ -63,7 +64,7 @@ def _vit_config(name: str, size: str, patch: int, **extra) -> ml_collections.Con
       num_layers=layers, num_heads=heads, mlp_dim=mlp, dropout_rate=0.0,
       attention_dropout_rate=0.0, stochastic_depth=0.0, classifier='token',
       posemb='learn', head_bias_init=0.0, dtype='float32', attention_impl='xla',
-      scan_layers=False, remat_policy='none'))
+      scan_layers=False, remat_policy='none', conv_stem=()))
   # None-valued fields must exist before overrides can set them.
   config.representation_size = None
   config.resnet = None
@@ -181,6 +182,8 @@ def create_model(name_or_config: Union[str, ml_collections.ConfigDict],
   check_remat_policy(config.remat_policy)
   if not isinstance(config.scan_layers, bool):
     raise ValueError(f'scan_layers must be True or False, got {config.scan_layers!r}')
+  if kwargs.get('conv_stem') is not None:
+    kwargs['conv_stem'] = tuple(int(w) for w in kwargs['conv_stem'])
   if kwargs['resnet'] is not None:
     kwargs['resnet'] = dict(num_layers=tuple(config.resnet.num_layers),
                             width_factor=config.resnet.width_factor)
@@ -191,10 +194,20 @@ def check_image_size(name_or_config: Union[str, ml_collections.ConfigDict],
                      image_size: int) -> None:
   """Raises ValueError, before any compile, if the model cannot take `image_size`."""
   config = _resolve(name_or_config, {})
+  ph, pw = config.patch_size
+  if config.get('conv_stem'):
+    # Each stride-2 stage maps n pixels to ceil(n / 2); the patch size then
+    # applies to the stem's output grid.
+    grid = conv_stem_grid(image_size, len(config.conv_stem))
+    if grid % ph or grid % pw:
+      raise ValueError(
+          f'image size {image_size} becomes a {grid}x{grid} grid after the '
+          f'{len(config.conv_stem)}-stage conv_stem of {config.name}, which the '
+          f'patch size {ph}x{pw} does not divide')
+    return
   stride = 1
   if config.get('resnet') is not None:
     stride = stem_stride(config.resnet.num_layers)
-  ph, pw = config.patch_size
   if image_size % (stride * ph) or image_size % (stride * pw):
     what = f'patch size {ph}x{pw}' + (f' times stem stride {stride}' if stride > 1 else '')
     raise ValueError(f'image size {image_size} is not divisible by the {what} of '

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.attention import MultiHeadDotProductAttention
+from vit_jax.models.conv_stem import ConvStem
 from vit_jax.models.resnet import resnet_stem
 
 Dtype = Any
@@ -287,6 +288,7 @@ class VisionTransformer(nn.Module):
   posemb: str = 'learn'
   head_bias_init: float = 0.0
   resnet: Optional[Any] = None       # resnet_stem kwargs: num_layers, width_factor.
+  conv_stem: Sequence[int] = ()      # ConvStem widths (3x3/2 convs); () = none.
   dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
   scan_layers: bool = False          # Encoder blocks as one nn.scan (see Encoder).
@@ -296,15 +298,20 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'classifier {self.classifier!r} not in {CLASSIFIERS}')
+    if self.resnet is not None and self.conv_stem:
+      raise ValueError('a ViT takes a resnet stem or a conv_stem, not both')
     x = images.astype(self.dtype)
     if self.resnet is not None:
       x = resnet_stem(x, **dict(self.resnet), dtype=self.dtype)
+    if self.conv_stem:
+      x = ConvStem(tuple(self.conv_stem), self.dtype, name='conv_stem')(x)
     ph, pw = self.patch_size
     if x.shape[1] % ph or x.shape[2] % pw:
+      stem = ('' if x.shape[1:3] == images.shape[1:3] else
+              f' (the stem turned it into {tuple(x.shape[1:3])})')
       raise ValueError(
-          f'image size {images.shape[1:3]} is not divisible by the patch size '
-          f'{tuple(self.patch_size)} (after a stem stride of '
-          f'{images.shape[1] // x.shape[1]})')
+          f'image size {tuple(images.shape[1:3])}{stem} is not divisible by the '
+          f'patch size {tuple(self.patch_size)}')
     x = PatchEmbedding(self.hidden_size, (ph, pw), self.dtype,
                        name='embedding')(x)
     batch, gh, gw, hidden = x.shape
