@@ -52,6 +52,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Before anything starts JAX's backends (distributed init included).
+  from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.use_cpu_devices(_CONFIG.value.cpu_devices)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,

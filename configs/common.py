@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Parallelism.
   config.parallelism = 'jit'       # 'jit' (sharded jit) | 'shard_map' (explicit pmean)
+  # CPU hosts only: split the cores into this many XLA devices that run the step
+  # data-parallel (parallel.use_cpu_devices; applied by train.py at start-up).
+  # Pays for small models; 0 = JAX's default (one device, or XLA_FLAGS).
+  config.cpu_devices = 0
   # Mesh and sharding rules (vit_jax.sharding, docs/launch.md). Batches are split
   # over `data`; `model` is the tensor-parallel group size (within one host).
   config.mesh = ml_collections.ConfigDict()

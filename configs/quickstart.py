@@ -1,14 +1,22 @@
 """Quickstart: a small ViT on Fashion-MNIST that trains in minutes on a laptop CPU.
 
-    python train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+    python train.py --config=configs/quickstart.py --workdir=runs/quickstart
 
-Works offline from Debian's `dataset-fashion-mnist` files. The model is a 4-block,
-width-128 ViT with 7x7 patches on the 28x28 grayscale images (16 tokens + cls,
-540k parameters): on a CPU the short sequence buys more than small patches do
-(measured against 4x4 patches at widths 64-128: per epoch it learns as fast or
-faster, at 1.5-4.5x the images per second). Training takes the images as they are
-(plus a mirror): a random crop that zooms while evaluation does not cost 6-15
-points at this budget. Measured result: see README ("Quickstart").
+Works offline from Debian's `dataset-fashion-mnist` files. The model is a
+3-block, width-64 ViT behind a convolutional stem (`model.conv_stem`, Xiao et
+al. 2021: three 3x3 stride-2 convolutions, 28 -> 14 -> 7 -> 4 px, with 16, 32
+and 64 channels), so each of its 16 tokens (+ cls) already sees a 15x15 pixel
+neighbourhood; 129,914 parameters. Trained on the images as they are plus a
+mirror, AdamW 3e-3, batch 128, 10 epochs, split over two CPU devices
+(`cpu_devices=2`, one per core of this project's 2-core CPU).
+
+Why this shape (measured on the 2-core CPU, Fashion-MNIST test top-1): at equal
+epochs the stem beats 7x7 patches (2 epochs: 87.2% vs 85.0% at width 128), and
+2-3 blocks learn as fast as 4; width 64 trains 2.5x faster than width 128, and
+only small models gain from one device per core (1.6x here, nothing at width
+128). So a narrow model for 10 epochs beats a wide one for 4 (88.5-89.0%).
+A zooming random crop hurts at this budget (eval does not zoom).
+Measured result: 90.2% in 4.5 minutes, see README ("Quickstart").
 """
 
 import ml_collections
@@ -20,8 +28,8 @@ from vit_jax import models
 def get_config() -> ml_collections.ConfigDict:
   config = common.get_config()
   config.model = models.model_section(
-      'ViT-test_4', hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256,
-      patch_size=(7, 7))
+      'ViT-test_4', hidden_size=64, num_layers=3, num_heads=2, mlp_dim=128,
+      conv_stem=(16, 32, 64), patch_size=(1, 1))
   config.dataset = 'fashion_mnist'
   config.train_split = 'train'
   config.eval_splits = 'test'
@@ -31,10 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.pp.flip = True
 
   config.batch_size = 128
-  config.total_epochs = 5.0
+  config.total_epochs = 10.0
+  config.cpu_devices = 2
   config.optim.name = 'adamw'
   config.optim.b2 = 0.999
-  config.lr.base = 2e-3
+  config.lr.base = 3e-3
   config.lr.warmup_steps = 200
   config.lr.schedule = 'cosine'
   config.weight_decay = 0.05

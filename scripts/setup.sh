@@ -18,4 +18,5 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -U pip
 .venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt
 .venv/bin/pip install -q --no-deps -e .
+mkdir -p runs  # Where the README's commands write (ignored by git).
 .venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, tensorflow_datasets; print('vit_jax setup ok: jax', jax.__version__, 'devices', jax.devices())"

@@ -69,7 +69,7 @@ def _flags(args):
 def test_quickstart_model_takes_its_config_shape():
   model, shape, classes = benchmark.resolve_shape(_flags(['--model=quickstart']))
   assert (model.name, model.hidden_size, shape, classes) == (
-      'ViT-test_4', 128, (28, 28, 1), 10)
+      'ViT-test_4', 64, (28, 28, 1), 10)
   # A flag on the command line still wins.
   _, shape, classes = benchmark.resolve_shape(
       _flags(['--model=quickstart', '--image_size=35', '--num_classes=3']))
@@ -126,7 +126,7 @@ def test_pipeline_mode(digits_dir, tmp_path):
   result = _run([
       f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
       f'--config.data_dir={digits_dir}', '--config.image_size=16',
-      '--config.model.patch_size=(4,4)',
+      '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
       '--config.prefetch=1', '--pipeline', '--model=ViT-test_4', '--batch=8',
       '--steps=1', '--repeats=2', '--warmup=1'], tmp_path)
   _assert_positive(result, FIELDS + ('pipeline_img_per_sec', 'pipeline_over_step'))

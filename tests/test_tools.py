@@ -194,7 +194,7 @@ def test_evaluate_cli_with_config_overrides_and_npz(workdir, data_dir, tmp_path,
   out = tmp_path / 'eval.json'
   args = [f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
           f'--config.data_dir={data_dir}', '--config.image_size=16',
-          '--config.model.patch_size=(4,4)',
+          '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
           '--config.model.hidden_size=32', '--config.model.num_layers=2',
           '--config.model.num_heads=2', '--config.model.mlp_dim=64',
           '--config.eval_batch_size=96', '--split=train[:100],test']

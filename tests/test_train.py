@@ -141,7 +141,8 @@ def test_train_py_cli_overrides_and_writes_workdir(data_dir, tmp_path):
       '--config=configs/quickstart.py', f'--workdir={workdir}',
       '--config.dataset=digits', f'--config.data_dir={data_dir}',
       '--config.image_size=16',
-      '--config.model.patch_size=(4,4)', '--config.model.num_layers=1',
+      '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
+      '--config.cpu_devices=0', '--config.model.num_layers=1',
       '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
       '--config.total_steps=3', '--config.lr.warmup_steps=1',
       '--config.log_every=1', '--config.batch_size=16',
@@ -167,3 +168,28 @@ def test_train_py_reports_config_errors_without_a_traceback(tmp_path):
   assert proc.returncode != 0
   assert 'warmup_steps 200 exceeds config.total_steps 10' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_train_py_splits_the_cpu_into_config_cpu_devices(data_dir, tmp_path):
+  proc = _run_train_py(
+      '--config=configs/quickstart.py', f'--workdir={tmp_path}/w',
+      '--config.dataset=digits', f'--config.data_dir={data_dir}',
+      '--config.image_size=16', '--config.model.conv_stem=(8,)',
+      '--config.model.patch_size=(2,2)', '--config.model.num_layers=1',
+      '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
+      '--config.total_steps=2', '--config.lr.warmup_steps=1',
+      '--config.batch_size=16', '--config.eval_batch_size=100',
+      '--config.write_plot=False', '--config.cpu_devices=2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '2 local / 2 global devices' in proc.stderr
+  assert 'batch 16 on 2 devices' in proc.stderr
+
+
+def test_cpu_devices_after_jax_started_changes_nothing():
+  from vit_jax import parallel
+  have = len(jax.devices('cpu'))
+  assert parallel.use_cpu_devices(have) and parallel.use_cpu_devices(0)
+  assert not parallel.use_cpu_devices(have + 1)  # Warns; JAX keeps its devices.
+  assert len(jax.devices('cpu')) == have
+  with pytest.raises(ValueError, match='cpu_devices must be >= 0'):
+    parallel.use_cpu_devices(-1)

@@ -113,6 +113,8 @@ CASES = {
     'unknown_parallelism': ({'parallelism': 'pmap'}, None,
                             r"parallelism 'pmap' not in \('jit', 'shard_map'\)"),
     'channels_two': ({'channels': 2}, None, 'must be 1 \\(grayscale\\) or 3'),
+    'negative_cpu_devices': ({'cpu_devices': -2}, None,
+                             'config.cpu_devices must be an integer >= 0, got -2'),
     'keep_no_checkpoints': ({'keep_checkpoints': 0}, None,
                             'config.keep_checkpoints must be a positive integer'),
     'empty_eval_splits': ({'eval_splits': ' '}, None, 'config.eval_splits is empty'),
@@ -122,6 +124,9 @@ CASES = {
     'patch_does_not_divide_image': (
         {'image_size': 18}, None,
         'image size 18 is not divisible by the patch size 4x4'),
+    'patch_does_not_divide_conv_stem_grid': (
+        {'model': {'conv_stem': (8, 8, 8)}, 'image_size': 16}, None,
+        'image size 16 becomes a 2x2 grid after the 3-stage conv_stem'),
     # Batch against devices (8 simulated) and accumulation.
     'batch_not_divisible_by_devices': (
         {'batch_size': 12}, None,

@@ -87,6 +87,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Everything here is cheap: a bad config fails in seconds, not after a compile.
   validation.check_config(config)
   workdir = validation.prepare_workdir(workdir)
+  # train.py applied it before JAX started; here it warns if it could not.
+  parallel.use_cpu_devices(config.cpu_devices)
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
   parallel.check_batch_size(config.batch_size, mesh, config.accum_steps)
   parallel.check_batch_size(config.eval_batch_size, mesh)

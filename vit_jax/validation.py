@@ -82,6 +82,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _require(config.channels in (1, 3),
            f'config.channels must be 1 (grayscale) or 3 (RGB), got '
            f'{config.channels!r}')
+  _require(isinstance(config.cpu_devices, int) and config.cpu_devices >= 0,
+           f'config.cpu_devices must be an integer >= 0, got {config.cpu_devices!r}')
   _require(config.nan_policy in steps.NAN_POLICIES,
            f'config.nan_policy {config.nan_policy!r} not in {steps.NAN_POLICIES}')
 

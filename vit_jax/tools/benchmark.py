@@ -314,6 +314,8 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv
+  # As train.py: the config's CPU device split, before anything starts JAX.
+  parallel.use_cpu_devices(fv.config.cpu_devices)
   result = benchmark(fv)
   print(format_result(result))
   if fv.json:
