@@ -22,3 +22,10 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The repo root, so tests can import `configs`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402  (after XLA_FLAGS, which it reads when its backend starts)
+
+# Start the backend now, with the 8 devices. Otherwise the first test of a
+# worker that trains a config with `cpu_devices` set (the quickstart's 2) in
+# this process would fix the device count for every later test of the worker.
+assert len(jax.devices()) == 8, jax.devices()
