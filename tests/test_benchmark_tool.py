@@ -112,6 +112,7 @@ def test_compare_timm_on_the_same_shape(tmp_path):
   _assert_positive(result, FIELDS + ('timm_img_per_sec', 'timm_step_ms',
                                      'ratio_vs_timm', 'torch_threads'))
   assert result['timm_params'] == result['params']  # The same model shape.
+  assert 'patch_size=(4, 4), embed_dim=32, depth=2' in result['timm_model']
   assert len(result['ratio_vs_timm_runs']) == 2
 
 
@@ -149,3 +150,20 @@ def test_jpeg_folder_pipeline(tmp_path):
     assert not facts['pipeline_cache']  # Decodes files every time.
   assert not os.path.exists(root)
   assert config.dataset == 'digits'  # The caller's config is untouched.
+
+
+def test_timm_comparison_refuses_what_timm_cannot_mirror():
+  # Checked before torch is imported: a conv stem or a ResNet stem is not a
+  # plain ViT, and comparing with one would time a different model.
+  from vit_jax.tools import bench_timm
+  fields = benchmark.model_fields(_flags(['--model=quickstart']).config.model,
+                                  'float32')
+  with pytest.raises(ValueError, match=r'conv_stem \(16, 32, 64\)'):
+    bench_timm.timm_kwargs(fields, (28, 28, 1), 10)
+  fields.conv_stem = ()
+  fields.patch_size = (7, 7)
+  name, kwargs = bench_timm.timm_kwargs(fields, (28, 28, 1), 10)
+  assert kwargs['embed_dim'] == 64 and kwargs['depth'] == 3
+  with pytest.raises(ValueError, match='plain ViTs, not R-test'):
+    bench_timm.timm_kwargs(benchmark.model_fields('R-test+ViT-test', 'float32'),
+                           (32, 32, 3), 10)

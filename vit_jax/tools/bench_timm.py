@@ -20,6 +20,8 @@ import numpy as np
 _TIMM_NAMES = {192: 'vit_tiny_patch16_224', 384: 'vit_small_patch16_224',
                768: 'vit_base_patch16_224', 1024: 'vit_large_patch16_224'}
 _POOLS = {'token': 'token', 'gap': 'avg'}
+_SHAPE_ARGS = ('img_size', 'in_chans', 'patch_size', 'embed_dim', 'depth',
+               'num_heads', 'mlp_ratio', 'global_pool', 'num_classes')
 
 
 def check_installed() -> None:
@@ -58,6 +60,9 @@ def timm_kwargs(fields: ml_collections.ConfigDict, shape: tuple[int, int, int],
   """
   if fields.model_type != 'vit' or fields.get('resnet') is not None:
     raise ValueError(f'--compare=timm supports plain ViTs, not {fields.name}.')
+  if fields.get('conv_stem'):
+    raise ValueError('--compare=timm supports plain ViTs, not a conv_stem '
+                     f'{tuple(fields.conv_stem)} (set --config.model.conv_stem=()).')
   if fields.get('representation_size'):
     raise ValueError('--compare=timm: timm has no pre_logits layer; use a model '
                      'without representation_size.')
@@ -139,6 +144,8 @@ def build_timm_step(fields: ml_collections.ConfigDict, mode: str, batch: int,
       return n
 
   return run, {
-      'timm_model': name, 'timm_version': timm.__version__,
+      'timm_model': f'{name}(' + ', '.join(  # The name alone hides overrides.
+          f'{k}={kwargs[k]}' for k in _SHAPE_ARGS) + ')',
+      'timm_version': timm.__version__,
       'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
       'timm_params': sum(p.numel() for p in model.parameters())}
