@@ -135,18 +135,23 @@ def _run_train_py(*args):
                         capture_output=True, text=True, timeout=600)
 
 
+def _tiny_quickstart(workdir, data_dir, *extra):
+  """train.py flags: the quickstart config shrunk to a 1-block ViT on 16 px digits."""
+  return ('--config=configs/quickstart.py', f'--workdir={workdir}',
+          '--config.dataset=digits', f'--config.data_dir={data_dir}',
+          '--config.image_size=16', '--config.model.num_layers=1',
+          '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
+          '--config.lr.warmup_steps=1', '--config.batch_size=16',
+          '--config.eval_batch_size=100', *extra)
+
+
 def test_train_py_cli_overrides_and_writes_workdir(data_dir, tmp_path):
   workdir = tmp_path / 'cli'
-  proc = _run_train_py(
-      '--config=configs/quickstart.py', f'--workdir={workdir}',
-      '--config.dataset=digits', f'--config.data_dir={data_dir}',
-      '--config.image_size=16',
-      '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
-      '--config.cpu_devices=0', '--config.model.num_layers=1',
-      '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
-      '--config.total_steps=3', '--config.lr.warmup_steps=1',
-      '--config.log_every=1', '--config.batch_size=16',
-      '--config.eval_batch_size=100', '--config.write_plot=True')
+  proc = _run_train_py(*_tiny_quickstart(
+      workdir, data_dir, '--config.model.patch_size=(4,4)',
+      '--config.model.conv_stem=()', '--config.cpu_devices=0',
+      '--config.total_steps=3', '--config.log_every=1',
+      '--config.write_plot=True'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'step 3/3 (100%)' in proc.stderr
   steps = [r['step'] for r in metrics.read_metrics(str(workdir)) if 'train_loss' in r]
@@ -171,15 +176,10 @@ def test_train_py_reports_config_errors_without_a_traceback(tmp_path):
 
 
 def test_train_py_splits_the_cpu_into_config_cpu_devices(data_dir, tmp_path):
-  proc = _run_train_py(
-      '--config=configs/quickstart.py', f'--workdir={tmp_path}/w',
-      '--config.dataset=digits', f'--config.data_dir={data_dir}',
-      '--config.image_size=16', '--config.model.conv_stem=(8,)',
-      '--config.model.patch_size=(2,2)', '--config.model.num_layers=1',
-      '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
-      '--config.total_steps=2', '--config.lr.warmup_steps=1',
-      '--config.batch_size=16', '--config.eval_batch_size=100',
-      '--config.write_plot=False', '--config.cpu_devices=2')
+  proc = _run_train_py(*_tiny_quickstart(
+      tmp_path / 'w', data_dir, '--config.model.conv_stem=(8,)',
+      '--config.model.patch_size=(2,2)', '--config.total_steps=2',
+      '--config.write_plot=False', '--config.cpu_devices=2'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '2 local / 2 global devices' in proc.stderr
   assert 'batch 16 on 2 devices' in proc.stderr
