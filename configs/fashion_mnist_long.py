@@ -1,26 +1,23 @@
-"""Fashion-MNIST, the long run: a small hybrid ViT with shift/flip/erasing aug.
+"""Fashion-MNIST, the long run: a conv-stem ViT with shift/flip/erasing aug.
 
     python train.py --config=configs/fashion_mnist_long.py --workdir=runs/fm_long
 
-Works offline from Debian's `dataset-fashion-mnist` files, like the quickstart.
-Where the quickstart buys speed with 7x7 patches (16 tokens), this config buys
-accuracy per image with the ViT paper's hybrid design: the smallest registered
-ResNet stem ('R-test': 7x7/2 root conv, max-pool, one bottleneck unit; 80k
-parameters) turns the 28x28 image into a 7x7 grid of 256-d features, each one
-token (patch 1x1), followed by a 4-block, width-128 encoder and global average
-pooling (649k parameters in all). Per epoch it learns faster than the plain
-7x7-patch ViT (84.4% vs 80.9% test top-1 after one epoch, measured) at about
-a quarter of its images per second on a 2-core CPU, so it is the better use of
-an hour, not of five minutes.
+Works offline from Debian's `dataset-fashion-mnist` files, like the quickstart,
+and is its bigger sibling: the same kind of convolutional stem (three 3x3
+stride-2 stages, here 32/64/128 wide, 28 -> 4 px) in front of a 6-block,
+width-128, 4-head encoder over the 16 stem tokens + cls (908k parameters),
+data-parallel over two CPU devices.
 
-Recipe: AdamW, batch 128, 15 epochs with 500 warm-up steps and a cosine decay;
-shifts of up to 2 pixels with a black border (no zoom, so train and test see
-the same scale), mirror, random erasing on 10% of the images, label smoothing
-0.1, and an EMA of the weights (decay 0.999) evaluated next to the raw weights.
+Recipe: AdamW 2e-3, batch 128, 30 epochs with 500 warm-up steps and a cosine
+decay; shifts of up to 2 pixels with a black border (no zoom, so train and test
+see the same scale), mirror, random erasing on 10% of the images, label
+smoothing 0.1, and an EMA of the weights (decay 0.999) evaluated next to the
+raw weights.
 
-Measured (2-core CPU, 1 device, float32, one run): 90.97% Fashion-MNIST test
-top-1 (EMA 90.85%) in 59m16s wall; 90.8% already after 12 epochs, so the recipe
-has flattened below its 93.5% goal. README, "Training recipes from scratch".
+Measured (2-core Intel Xeon CPU, 2 devices, float32, one run): 92.01%
+Fashion-MNIST test top-1 (EMA 91.97%) in about 62 minutes of wall time; 90.3%
+after 18 epochs, 91.7% after 24, 92.0% after 27. Below the 93.5% goal it was
+written for. README, "Training recipes from scratch".
 """
 
 import ml_collections
@@ -32,8 +29,8 @@ from vit_jax import models
 def get_config() -> ml_collections.ConfigDict:
   config = common.get_config()
   config.model = models.model_section(
-      'R-test+ViT-test', hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256,
-      patch_size=(1, 1), classifier='gap')
+      'ViT-test_4', hidden_size=128, num_layers=6, num_heads=4, mlp_dim=256,
+      conv_stem=(32, 64, 128), patch_size=(1, 1))
   config.dataset = 'fashion_mnist'
   config.train_split = 'train'
   config.eval_splits = 'test'
@@ -45,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.pp.random_erase_prob = 0.1
 
   config.batch_size = 128
-  config.total_epochs = 15.0
+  config.total_epochs = 30.0
+  config.cpu_devices = 2
   config.optim.name = 'adamw'
   config.optim.b2 = 0.999
   config.lr.base = 2e-3
