@@ -13,7 +13,9 @@ The train step timed is the trainer's own (steps.make_train_step with the
 on the mesh with the state donated), on random data already on the devices.
 After --warmup steps, each timed run is --steps steps; the report is the median
 of --repeats runs. `--model=quickstart` (or `config`) is the model section of
---config at its image size and channels.
+--config at its image size and channels. --config's `cpu_devices` applies to
+every model: the default config's 2 splits a CPU host into two devices
+(`--config.cpu_devices=0` for JAX's one).
 
 `--compare=timm` builds the same shape in timm (PyTorch, needs
 requirements-bench.txt) and interleaves the runs, [ours, timm] x repeats,
