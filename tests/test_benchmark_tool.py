@@ -17,6 +17,7 @@ from vit_jax import flops
 from vit_jax.tools import bench_pipeline
 from vit_jax.tools import benchmark
 from vit_jax.tools import cli
+from tiny import quickstart_on_digits
 from tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,12 +125,9 @@ def digits_dir(tmp_path_factory):
 
 
 def test_pipeline_mode(digits_dir, tmp_path):
-  result = _run([
-      f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
-      f'--config.data_dir={digits_dir}', '--config.image_size=16',
-      '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
-      '--config.prefetch=1', '--pipeline', '--model=ViT-test_4', '--batch=8',
-      '--steps=1', '--repeats=2', '--warmup=1'], tmp_path)
+  result = _run(quickstart_on_digits(
+      digits_dir, '--config.prefetch=1', '--pipeline', '--model=ViT-test_4',
+      '--batch=8', '--steps=1', '--repeats=2', '--warmup=1'), tmp_path)
   _assert_positive(result, FIELDS + ('pipeline_img_per_sec', 'pipeline_over_step'))
   assert (result['num_classes'], result['image_size'], result['channels']) == (
       10, 16, 1)  # digits' classes; the config's shape.

@@ -71,6 +71,7 @@ from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import metrics
 
+from tiny import quickstart_on_digits
 from tiny import tiny_config
 
 STEPS = 4
@@ -78,19 +79,16 @@ STEPS = 4
 
 def _flags(workdir, data_dir, *extra):
   """train.py flags: quickstart with tests/tiny.py's model (one block), 4 steps of 32."""
-  return ['--config=configs/quickstart.py', f'--workdir={workdir}',
-          '--config.dataset=digits', f'--config.data_dir={data_dir}',
-          '--config.model.hidden_size=32', '--config.model.num_heads=2',
-          '--config.model.mlp_dim=64', '--config.model.num_layers=1',
-          '--config.image_size=16',
-          '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
-          '--config.cpu_devices=0', '--config.channels=1',
-          '--config.pp.train_crop=resize', '--config.optim.name=adamw',
-          '--config.lr.base=0.001', '--config.lr.warmup_steps=2',
-          '--config.batch_size=32', '--config.eval_batch_size=64',
-          '--config.eval_splits=test[:64]', f'--config.total_steps={STEPS}',
-          '--config.log_every=2', f'--config.eval_every={STEPS}',
-          f'--config.checkpoint_every={STEPS}', '--config.write_plot=False', *extra]
+  return quickstart_on_digits(
+      data_dir, f'--workdir={workdir}', '--config.model.hidden_size=32',
+      '--config.model.num_heads=2', '--config.model.mlp_dim=64',
+      '--config.model.num_layers=1', '--config.channels=1',
+      '--config.pp.train_crop=resize', '--config.optim.name=adamw',
+      '--config.lr.base=0.001', '--config.lr.warmup_steps=2',
+      '--config.batch_size=32', '--config.eval_batch_size=64',
+      '--config.eval_splits=test[:64]', f'--config.total_steps={STEPS}',
+      '--config.log_every=2', f'--config.eval_every={STEPS}',
+      f'--config.checkpoint_every={STEPS}', '--config.write_plot=False', *extra)
 
 
 def _start(args, devices, record=None):

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import pytest
 
+from tiny import quickstart_on_digits
 from tiny import tiny_config
 
 from vit_jax import checkpoint
@@ -70,17 +71,14 @@ def env(tmp_path_factory):
 
 def _args(workdir, data_dir, *extra):
   """train.py flags of a 16-step run with dropout (so the rng matters)."""
-  return ['--config=configs/quickstart.py', f'--workdir={workdir}',
-          '--config.dataset=digits', f'--config.data_dir={data_dir}',
-          '--config.image_size=16',
-          '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
-          '--config.cpu_devices=0', '--config.model.num_layers=1',
-          '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
-          '--config.model.dropout_rate=0.1', f'--config.total_steps={TOTAL}',
-          '--config.lr.warmup_steps=2', '--config.log_every=1',
-          '--config.batch_size=16', '--config.eval_batch_size=32',
-          '--config.eval_splits=test[:32]', '--config.eval_every=1000',
-          '--config.checkpoint_every=4', '--config.write_plot=False', *extra]
+  return quickstart_on_digits(
+      data_dir, f'--workdir={workdir}', '--config.model.num_layers=1',
+      '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
+      '--config.model.dropout_rate=0.1', f'--config.total_steps={TOTAL}',
+      '--config.lr.warmup_steps=2', '--config.log_every=1',
+      '--config.batch_size=16', '--config.eval_batch_size=32',
+      '--config.eval_splits=test[:32]', '--config.eval_every=1000',
+      '--config.checkpoint_every=4', '--config.write_plot=False', *extra)
 
 
 def _start(args, env, fault=None):

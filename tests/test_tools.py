@@ -12,6 +12,7 @@ from PIL import Image
 import pytest
 
 from test_train import tiny_config
+from tiny import quickstart_on_digits
 from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import metrics
@@ -192,12 +193,10 @@ def test_evaluate_cli_with_config_overrides_and_npz(workdir, data_dir, tmp_path,
   npz = str(tmp_path / 'model.npz')
   checkpoint.save_npz(npz, checkpoint.load_params(workdir))
   out = tmp_path / 'eval.json'
-  args = [f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
-          f'--config.data_dir={data_dir}', '--config.image_size=16',
-          '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
-          '--config.model.hidden_size=32', '--config.model.num_layers=2',
-          '--config.model.num_heads=2', '--config.model.mlp_dim=64',
-          '--config.eval_batch_size=96', '--split=train[:100],test']
+  args = quickstart_on_digits(
+      data_dir, '--config.model.hidden_size=32', '--config.model.num_layers=2',
+      '--config.model.num_heads=2', '--config.model.mlp_dim=64',
+      '--config.eval_batch_size=96', '--split=train[:100],test')
   assert _run(evaluate, *args, f'--checkpoint={npz}', f'--json_out={out}') == 0
   report = json.loads(out.read_text())
   assert report['eval_train_100_count'] == 100 and report['eval_test_count'] == 500

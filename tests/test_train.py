@@ -15,6 +15,7 @@ from vit_jax import metrics
 from vit_jax import trainer
 from vit_jax import validation
 
+from tiny import quickstart_on_digits
 from tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,20 +138,17 @@ def _run_train_py(*args):
 
 def _tiny_quickstart(workdir, data_dir, *extra):
   """train.py flags: the quickstart config shrunk to a 1-block ViT on 16 px digits."""
-  return ('--config=configs/quickstart.py', f'--workdir={workdir}',
-          '--config.dataset=digits', f'--config.data_dir={data_dir}',
-          '--config.image_size=16', '--config.model.num_layers=1',
-          '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
-          '--config.lr.warmup_steps=1', '--config.batch_size=16',
-          '--config.eval_batch_size=100', *extra)
+  return quickstart_on_digits(
+      data_dir, f'--workdir={workdir}', '--config.model.num_layers=1',
+      '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
+      '--config.lr.warmup_steps=1', '--config.batch_size=16',
+      '--config.eval_batch_size=100', *extra)
 
 
 def test_train_py_cli_overrides_and_writes_workdir(data_dir, tmp_path):
   workdir = tmp_path / 'cli'
   proc = _run_train_py(*_tiny_quickstart(
-      workdir, data_dir, '--config.model.patch_size=(4,4)',
-      '--config.model.conv_stem=()', '--config.cpu_devices=0',
-      '--config.total_steps=3', '--config.log_every=1',
+      workdir, data_dir, '--config.total_steps=3', '--config.log_every=1',
       '--config.write_plot=True'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'step 3/3 (100%)' in proc.stderr

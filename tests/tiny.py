@@ -1,7 +1,24 @@
 """A tiny, fast training config on scikit-learn's digits, shared by the tests."""
 
+import os
+
 from configs import common
 from vit_jax import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quickstart_on_digits(data_dir, *extra: str) -> list[str]:
+  """Command-line flags: configs/quickstart.py on 16 px digits, without its extras.
+
+  The quickstart's conv stem becomes plain 4x4 patches and its two CPU devices
+  JAX's own, so a test's run is small and leaves the device count alone. Later
+  flags win, so `extra` can put either back.
+  """
+  return [f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
+          f'--config.data_dir={data_dir}', '--config.image_size=16',
+          '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
+          '--config.cpu_devices=0', *extra]
 
 
 def tiny_config(data_dir, **overrides):
