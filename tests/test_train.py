@@ -136,13 +136,13 @@ def _run_train_py(*args):
                         capture_output=True, text=True, timeout=600)
 
 
-def _tiny_quickstart(workdir, data_dir, *extra):
+def _tiny_quickstart(workdir, data_dir, *extra, **model):
   """train.py flags: the quickstart config shrunk to a 1-block ViT on 16 px digits."""
   return quickstart_on_digits(
       data_dir, f'--workdir={workdir}', '--config.model.num_layers=1',
       '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
       '--config.lr.warmup_steps=1', '--config.batch_size=16',
-      '--config.eval_batch_size=100', *extra)
+      '--config.eval_batch_size=100', *extra, **model)
 
 
 def test_train_py_cli_overrides_and_writes_workdir(data_dir, tmp_path):
@@ -175,9 +175,9 @@ def test_train_py_reports_config_errors_without_a_traceback(tmp_path):
 
 def test_train_py_splits_the_cpu_into_config_cpu_devices(data_dir, tmp_path):
   proc = _run_train_py(*_tiny_quickstart(
-      tmp_path / 'w', data_dir, '--config.model.conv_stem=(8,)',
-      '--config.model.patch_size=(2,2)', '--config.total_steps=2',
-      '--config.write_plot=False', '--config.cpu_devices=2'))
+      tmp_path / 'w', data_dir, '--config.total_steps=2',
+      '--config.write_plot=False', conv_stem='(8,)', patch_size='(2,2)',
+      cpu_devices=2))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '2 local / 2 global devices' in proc.stderr
   assert 'batch 16 on 2 devices' in proc.stderr

@@ -8,17 +8,21 @@ from vit_jax import models
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def quickstart_on_digits(data_dir, *extra: str) -> list[str]:
+def quickstart_on_digits(data_dir, *extra: str, conv_stem: str = '()',
+                         patch_size: str = '(4,4)', cpu_devices: int = 0
+                         ) -> list[str]:
   """Command-line flags: configs/quickstart.py on 16 px digits, without its extras.
 
-  The quickstart's conv stem becomes plain 4x4 patches and its two CPU devices
-  JAX's own, so a test's run is small and leaves the device count alone. Later
-  flags win, so `extra` can put either back.
+  By default the quickstart's conv stem becomes plain 4x4 patches and its two
+  CPU devices JAX's own, so a test's run is small and leaves the device count
+  alone. The tuple fields are arguments rather than `extra` flags because a
+  tuple override given twice is concatenated, not replaced.
   """
   return [f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
           f'--config.data_dir={data_dir}', '--config.image_size=16',
-          '--config.model.patch_size=(4,4)', '--config.model.conv_stem=()',
-          '--config.cpu_devices=0', *extra]
+          f'--config.model.patch_size={patch_size}',
+          f'--config.model.conv_stem={conv_stem}',
+          f'--config.cpu_devices={cpu_devices}', *extra]
 
 
 def tiny_config(data_dir, **overrides):
