@@ -10,64 +10,78 @@ from configs import quickstart
 from vit_jax import checkpoint_npz
 from vit_jax import models
 from vit_jax.models.conv_stem import ConvStem
-from vit_jax.models.conv_stem import conv3x3_stride2
+from vit_jax.models.conv_stem import conv3x3
 from vit_jax.models.conv_stem import conv_stem_grid
 
 
+@pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('height,width', [(28, 28), (7, 9), (32, 17), (1, 2)])
-def test_strided_conv_is_the_same_conv(height, width):
+def test_im2col_conv_is_the_same_conv(height, width, stride):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, height, width, 3)).astype(np.float32)
   kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
-  want = lax.conv_general_dilated(x, kernel, (2, 2), 'SAME',
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  got = conv3x3_stride2(jnp.asarray(x), jnp.asarray(kernel))
-  assert got.shape == want.shape == (2, -(-height // 2), -(-width // 2), 5)
+  xla_conv = lambda x, k: lax.conv_general_dilated(
+      x, k, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = lambda x, k: conv3x3(x, k, stride)
+  got, want = ours(jnp.asarray(x), jnp.asarray(kernel)), xla_conv(x, kernel)
+  assert got.shape == want.shape == (
+      2, -(-height // stride), -(-width // stride), 5)
   np.testing.assert_allclose(got, want, atol=1e-5)
   # The kernel gradient too: it is what trains.
   grad = lambda conv: jax.grad(lambda k: jnp.sum(jnp.sin(conv(x, k))))(kernel)
-  np.testing.assert_allclose(
-      grad(conv3x3_stride2),
-      grad(lambda x, k: lax.conv_general_dilated(
-          x, k, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))),
-      atol=1e-4)
+  np.testing.assert_allclose(grad(ours), grad(xla_conv), atol=1e-4)
 
 
-def _numpy_stage(x, kernel, scale, bias):
-  """conv 3x3/2 SAME (explicit loops) -> LayerNorm(eps 1e-6) -> ReLU, float64."""
+def _numpy_layer(x, kernel, scale, bias, stride):
+  """conv 3x3 SAME at `stride` (explicit loops) -> LayerNorm(eps 1e-6) -> ReLU, float64."""
   b, h, w, c = x.shape
-  oh, ow = -(-h // 2), -(-w // 2)
-  pad_h, pad_w = max(2 * oh + 1 - h, 0), max(2 * ow + 1 - w, 0)
+  oh, ow = -(-h // stride), -(-w // stride)
+  pad_h = max(stride * (oh - 1) + 3 - h, 0)
+  pad_w = max(stride * (ow - 1) + 3 - w, 0)
   xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
                   (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
   y = np.zeros((b, oh, ow, kernel.shape[-1]))
   for i in range(oh):
     for j in range(ow):
-      window = xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3, :]
+      window = xp[:, stride * i:stride * i + 3, stride * j:stride * j + 3, :]
       y[:, i, j] = np.einsum('bhwc,hwco->bo', window, kernel)
   y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-6)
   return np.maximum(y * scale + bias, 0.0)
 
 
-def test_stem_matches_numpy_oracle():
+@pytest.mark.parametrize('depth', [1, 3])
+def test_stem_matches_numpy_oracle(depth):
   rng = np.random.default_rng(1)
   images = rng.uniform(-1, 1, (2, 11, 11, 1)).astype(np.float32)
-  stem = ConvStem((4, 6))
+  stem = ConvStem((4, 6), depth)
   params = stem.init(jax.random.key(0), images)['params']
   params = jax.tree.map(
       lambda p: rng.normal(size=p.shape).astype(np.float32), params)
   got = stem.apply({'params': params}, images)
   want = images.astype(np.float64)
+  names = []
   for i in range(2):
-    want = _numpy_stage(want, params[f'conv_{i}']['kernel'],
-                        params[f'norm_{i}']['scale'], params[f'norm_{i}']['bias'])
-  assert got.shape == (2, 3, 3, 6)  # 11 -> 6 -> 3
+    for j in range(depth):
+      name = f'{i}_{j}' if j else f'{i}'
+      names.append(name)
+      want = _numpy_layer(want, params[f'conv_{name}']['kernel'],
+                          params[f'norm_{name}']['scale'],
+                          params[f'norm_{name}']['bias'], 1 if j else 2)
+  # Stage i's stride-2 layer keeps the depth-1 name conv_{i}; no other params.
+  assert sorted(params) == sorted([f'conv_{n}' for n in names] +
+                                  [f'norm_{n}' for n in names])
+  assert got.shape == (2, 3, 3, 6)  # 11 -> 6 -> 3, whatever the depth.
   np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_stem_depth_must_be_positive():
+  with pytest.raises(ValueError, match='conv_stem_depth must be >= 1, got 0'):
+    ConvStem((4,), 0).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 
 
 def test_vit_with_conv_stem_params_and_tokens():
   model = models.create_model('ViT-test_4', 10, conv_stem=(8, 16),
-                              patch_size=(1, 1))
+                              conv_stem_depth=2, patch_size=(1, 1))
   params = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 28, 28, 1))))['params']
   shapes = {'/'.join(k.key for k in path): v.shape
@@ -75,6 +89,8 @@ def test_vit_with_conv_stem_params_and_tokens():
   assert shapes['conv_stem/conv_0/kernel'] == (3, 3, 1, 8)
   assert shapes['conv_stem/conv_1/kernel'] == (3, 3, 8, 16)
   assert shapes['conv_stem/norm_1/scale'] == (16,)
+  assert shapes['conv_stem/conv_0_1/kernel'] == (3, 3, 8, 8)    # Stride-1 layers.
+  assert shapes['conv_stem/conv_1_1/kernel'] == (3, 3, 16, 16)
   assert shapes['embedding/kernel'] == (1, 1, 16, 32)   # The paper's final 1x1 conv.
   # 28 -> 14 -> 7: 49 tokens plus cls.
   assert shapes['Transformer/posembed_input/pos_embedding'] == (1, 50, 32)

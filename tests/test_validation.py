@@ -127,6 +127,9 @@ CASES = {
     'patch_does_not_divide_conv_stem_grid': (
         {'model': {'conv_stem': (8, 8, 8)}, 'image_size': 16}, None,
         'image size 16 becomes a 2x2 grid after the 3-stage conv_stem'),
+    'conv_stem_depth_zero': (
+        {'model': {'conv_stem': (8,), 'conv_stem_depth': 0}}, None,
+        'conv_stem_depth must be >= 1, got 0'),
     # Batch against devices (8 simulated) and accumulation.
     'batch_not_divisible_by_devices': (
         {'batch_size': 12}, None,

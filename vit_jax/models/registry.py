@@ -64,7 +64,8 @@ def _vit_config(name: str, size: str, patch: int, **extra) -> ml_collections.Con
       num_layers=layers, num_heads=heads, mlp_dim=mlp, dropout_rate=0.0,
       attention_dropout_rate=0.0, stochastic_depth=0.0, classifier='token',
       posemb='learn', head_bias_init=0.0, dtype='float32', attention_impl='xla',
-      scan_layers=False, remat_policy='none', conv_stem=()))
+      scan_layers=False, remat_policy='none', conv_stem=(),
+      conv_stem_depth=1))
   # None-valued fields must exist before overrides can set them.
   config.representation_size = None
   config.resnet = None

@@ -289,6 +289,7 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.0
   resnet: Optional[Any] = None       # resnet_stem kwargs: num_layers, width_factor.
   conv_stem: Sequence[int] = ()      # ConvStem widths (3x3/2 convs); () = none.
+  conv_stem_depth: int = 1           # 3x3 layers per ConvStem stage (1 at stride 2).
   dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
   scan_layers: bool = False          # Encoder blocks as one nn.scan (see Encoder).
@@ -304,7 +305,8 @@ class VisionTransformer(nn.Module):
     if self.resnet is not None:
       x = resnet_stem(x, **dict(self.resnet), dtype=self.dtype)
     if self.conv_stem:
-      x = ConvStem(tuple(self.conv_stem), self.dtype, name='conv_stem')(x)
+      x = ConvStem(tuple(self.conv_stem), self.conv_stem_depth, self.dtype,
+                   name='conv_stem')(x)
     ph, pw = self.patch_size
     if x.shape[1] % ph or x.shape[2] % pw:
       stem = ('' if x.shape[1:3] == images.shape[1:3] else
