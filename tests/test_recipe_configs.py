@@ -100,6 +100,7 @@ def test_fashion_mnist_long_trains_its_own_model_offline(tmp_path):
   for 3 steps on the offline Fashion-MNIST files; only the length shrinks."""
   config = parse('fashion_mnist_long.py')
   assert fashion_mnist_long.__doc__ and config.model.conv_stem == (32, 64, 128)
+  assert config.model.conv_stem_depth == 2
   assert (config.pp.train_crop, config.pp.crop_padding, config.ema_decay) == (
       'pad', 2, 0.999)
   validation.check_config(config)
