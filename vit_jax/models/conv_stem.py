@@ -12,10 +12,11 @@ Each stage is conv 3x3 / stride 2 (SAME padding, no bias) -> LayerNorm over
 channels -> ReLU, then `depth - 1` more such layers at stride 1 and the same
 width. On small images (28 px Fashion-MNIST) those stride-1 layers are where a
 small CNN gets its accuracy: they see the 14 and 7 px maps at full detail
-before the next stage halves them. The paper uses BatchNorm; LayerNorm keeps the model free of
-batch statistics, so the train step, sharding and checkpoints stay what they
-are for every other model. A stage maps a side of n pixels to ceil(n / 2), so
-a 28 px image becomes 14, 7, 4 after three stages. Parameters:
+before the next stage halves them. The paper uses BatchNorm; LayerNorm keeps
+the model free of batch statistics, so the train step, sharding and
+checkpoints stay what they are for every other model. A stage maps a side of
+n pixels to ceil(n / 2), so a 28 px image becomes 14, 7, 4 after three
+stages. Parameters:
 `conv_stem/conv_{i}/kernel` [3, 3, in, out] (an `nn.Conv` kernel) and
 `conv_stem/norm_{i}/{scale,bias}` for the stride-2 layer of stage i (so a
 depth-1 stem keeps the names it always had), `conv_stem/conv_{i}_{j}` and
