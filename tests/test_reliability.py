@@ -37,6 +37,7 @@ from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import resume
+from vit_jax import sharding
 from vit_jax import steps
 from vit_jax import trainer
 from vit_jax import validation
@@ -272,7 +273,7 @@ def _restore_latest(config, workdir):
   abstract = jax.eval_shape(init)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, parallel.state_shardings(abstract, mesh))
+      abstract, sharding.state_shardings(abstract, mesh))
   with checkpoint.make_manager(str(workdir)) as manager:
     state, _ = resume.restore_latest(
         manager, abstract, workdir=str(workdir),

@@ -10,6 +10,7 @@ import pytest
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import sharding
 from vit_jax import steps
 
 from tiny import step_config
@@ -34,14 +35,14 @@ def _train(num_devices, parallelism='jit', accum_steps=1, num_steps=3, **model_k
   model = models.create_model('ViT-test_4', 10, **model_kw)
   tx, _ = optim.make_optimizer(config, total_steps=10)
   init = functools.partial(steps.create_train_state, model, tx, IMAGE_SHAPE, 0)
-  sharding = parallel.state_shardings(jax.eval_shape(init), mesh)
-  state = jax.jit(init, out_shardings=sharding)()
+  state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh)
+  state = jax.jit(init, out_shardings=state_sharding)()
   step = steps.make_train_step(model, tx, num_classes=10, accum_steps=accum_steps,
                                parallelism=parallelism)
   if parallelism == 'shard_map':
     step = parallel.shard_map_step(step, mesh)
-  step = jax.jit(step, in_shardings=(sharding, parallel.batch_sharding(mesh)),
-                 out_shardings=(sharding, parallel.replicated(mesh)),
+  step = jax.jit(step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)),
                  donate_argnums=0)
   for batch in _batches(num_steps, 16):
     state, metrics = step(state, parallel.to_global_batch(batch, mesh))

@@ -18,17 +18,16 @@ from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vit_jax.sharding import DATA_AXIS
-from vit_jax.sharding import MODEL_AXIS
-from vit_jax.sharding import state_shardings  # noqa: F401  (re-export)
-
+# The mesh's axis names: batches (and FSDP shards) over `data`, tensor
+# parallelism over `model`. Everything else names them through these.
+DATA_AXIS = 'data'
+MODEL_AXIS = 'model'
 PARALLELISMS = ('jit', 'shard_map')
 
 
@@ -157,13 +156,3 @@ def shard_map_step(step_fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any
   """
   return jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                        out_specs=P(), check_vma=False)
-
-
-def device_peak_memory() -> Optional[int]:
-  """Peak bytes in use on device 0, where the backend reports it (not CPU)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get('peak_bytes_in_use')
-
-
-def tree_bytes(tree: Any) -> int:
-  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -45,9 +45,9 @@ from jax.sharding import PartitionSpec as P
 
 from vit_jax import param_rules
 from vit_jax.npz_layouts import summarize_names
+from vit_jax.parallel import DATA_AXIS
+from vit_jax.parallel import MODEL_AXIS
 
-DATA_AXIS = 'data'
-MODEL_AXIS = 'model'
 STRATEGIES = ('replicate', 'fsdp', 'model')
 PRESETS = ('replicate', 'fsdp', 'model', 'fsdp+model')
 DEFAULT_FSDP_MIN_SIZE = 2**18

@@ -1,5 +1,5 @@
 """Timing helpers of vit_jax.tools.benchmark: interleaved rounds, medians,
-FLOP/s and MFU, host memory, the CPU's name.
+FLOP/s and MFU, host and device memory, the CPU's name.
 """
 
 import platform
@@ -37,6 +37,12 @@ def time_rounds(runs: dict[str, Run], *, steps_per_run: int, repeats: int,
         f'{name} {1e3 * t[-1]:.0f} ms/step' for name, t in times.items()),
           file=sys.stderr, flush=True)
   return times
+
+
+def device_peak_memory() -> Optional[int]:
+  """Peak bytes in use on device 0, where the backend reports it (not CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
 
 
 def peak_rss_mb() -> float:

@@ -277,7 +277,7 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
   result.update(bench_timing.summarize(times['jax'], batch))
   result.update(bench_timing.efficiency(
       facts['flops_per_step'], result['step_ms'] / 1e3, facts['num_devices']))
-  device_peak = parallel.device_peak_memory()
+  device_peak = bench_timing.device_peak_memory()
   if device_peak is not None:
     result['device_peak_mb'] = device_peak / 2**20
   result.update(extra)
