@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from vit_jax import checkpoint_npz
+from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.models.conv_stem import ConvStem
 from vit_jax.models.conv_stem import conv3x3
@@ -130,8 +130,8 @@ def test_conv_stem_is_a_config_field_and_survives_npz(tmp_path):
   images = jnp.zeros((1, 28, 28, 1))
   params = model.init(jax.random.key(0), images)['params']
   path = str(tmp_path / 'stem.npz')
-  checkpoint_npz.save_npz(path, params)
-  loaded = checkpoint_npz.load_npz(path)
+  checkpoint.save_npz(path, params)
+  loaded = checkpoint.load_npz(path)
   np.testing.assert_array_equal(loaded['conv_stem']['conv_1']['kernel'],
                                 params['conv_stem']['conv_1']['kernel'])
   np.testing.assert_allclose(model.apply({'params': loaded}, images),

@@ -11,12 +11,14 @@ import pytest
 from configs import common
 from tiny import tiny_config
 from vit_jax import checkpoint
+from vit_jax import errors
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import steps
 from vit_jax import trainer
 from vit_jax import validation
+from vit_jax.checkpoint import orbax_state
 
 IMAGE_SHAPE = (8, 8, 3)
 
@@ -90,20 +92,20 @@ def test_checkpoint_saves_and_restores_ema(two_steps, tmp_path):
   _, state, _ = two_steps
   # Async, as the trainer saves (mixing sync and async Orbax saves in one
   # process made later async saves fail now and then).
-  manager = checkpoint.make_manager(str(tmp_path / 'w'))
-  checkpoint.save(manager, state, {'note': 'test'})
+  manager = orbax_state.make_manager(str(tmp_path / 'w'))
+  orbax_state.save(manager, state, {'note': 'test'})
   manager.wait_until_finished()
-  layout = checkpoint.layout(state)
+  layout = orbax_state.layout(state)
   assert any(k.startswith('ema_params/') for k in layout)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  restored, meta = checkpoint.restore(manager, abstract)
+  restored, meta = orbax_state.restore(manager, abstract)
   assert set(meta['digest']) == {'params', 'train', 'ema_params'}
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
   # A state without EMA (another ema setting) is another layout.
   without = abstract.replace(ema_params=None)
-  with pytest.raises(checkpoint.IncompatibleCheckpointError, match='ema_params'):
-    checkpoint.restore(manager, without)
+  with pytest.raises(orbax_state.IncompatibleCheckpointError, match='ema_params'):
+    orbax_state.restore(manager, without)
   manager.close()
   # load_params keeps its behaviour; ema=True gives the average.
   for ema, expected in ((False, state.params), (True, state.ema_params)):
@@ -115,10 +117,10 @@ def test_checkpoint_saves_and_restores_ema(two_steps, tmp_path):
 def test_state_without_ema_keeps_the_old_layout(two_steps, tmp_path):
   _, state, _ = two_steps
   plain = state.replace(ema_params=None)
-  assert not any('ema' in k for k in checkpoint.layout(plain))
-  assert set(checkpoint.digest(plain)) == {'params', 'train'}
-  manager = checkpoint.make_manager(str(tmp_path / 'w'))
-  checkpoint.save(manager, plain, {})
+  assert not any('ema' in k for k in orbax_state.layout(plain))
+  assert set(orbax_state.digest(plain)) == {'params', 'train'}
+  manager = orbax_state.make_manager(str(tmp_path / 'w'))
+  orbax_state.save(manager, plain, {})
   manager.wait_until_finished()
   manager.close()
   with pytest.raises(ValueError, match='no ema_params'):
@@ -130,15 +132,15 @@ def test_resume_with_another_ema_setting_is_refused(tmp_path):
   meta = validation.resume_meta(config)
   validation.check_resume_meta(meta, config)
   for other in (0.0, 0.9):
-    with pytest.raises(validation.ConfigError, match='ema_decay: checkpoint 0.999'):
+    with pytest.raises(errors.ConfigError, match='ema_decay: checkpoint 0.999'):
       validation.check_resume_meta(meta, tiny_config(tmp_path, ema_decay=other))
   # Checkpoints written before ema_decay existed resume with EMA off only.
   old = {k: v for k, v in validation.resume_meta(tiny_config(tmp_path)).items()
          if k != 'ema_decay'}
   validation.check_resume_meta(old, tiny_config(tmp_path))
-  with pytest.raises(validation.ConfigError, match='ema_decay'):
+  with pytest.raises(errors.ConfigError, match='ema_decay'):
     validation.check_resume_meta(old, config)
-  with pytest.raises(validation.ConfigError, match='ema_decay'):
+  with pytest.raises(errors.ConfigError, match='ema_decay'):
     validation.check_config(tiny_config(tmp_path, ema_decay=1.0))
 
 
@@ -171,5 +173,5 @@ def test_loop_evaluates_saves_and_resumes_the_ema_exactly(tmp_path):
       np.testing.assert_array_equal(a, b)
   # The same workdir with EMA off is another run: refused, clearly.
   config.ema_decay = 0.0
-  with pytest.raises(validation.ConfigError, match='ema_decay'):
+  with pytest.raises(errors.ConfigError, match='ema_decay'):
     trainer.train_and_evaluate(config, str(workdir))

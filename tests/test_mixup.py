@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
+from vit_jax import errors
 from vit_jax import mixup
 from vit_jax import models
 from vit_jax import optim
@@ -159,7 +160,7 @@ def test_bad_values_are_rejected_before_compile(overrides, message):
   config = common.get_config()
   config.total_steps = 1000
   config.mixup.update(overrides)
-  with pytest.raises(validation.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     validation.check_config(config)
 
 

@@ -32,15 +32,16 @@ from tiny import tiny_config
 
 from vit_jax import checkpoint
 from vit_jax import data
+from vit_jax import errors
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
-from vit_jax import resume
 from vit_jax import sharding
 from vit_jax import steps
 from vit_jax import trainer
 from vit_jax import validation
+from vit_jax.checkpoint import orbax_state
 
 import train_with_faults
 
@@ -263,7 +264,7 @@ def _damage(workdir, how, step=8):
 
 
 def _restore_latest(config, workdir):
-  """resume.restore_latest with the trainer's target state (no compile)."""
+  """orbax_state.restore_latest with the trainer's target state (no compile)."""
   model = models.create_model(config.model, 10)
   tx, _ = optim.make_optimizer(config, config.total_steps)
   init = functools.partial(steps.create_train_state, model, tx,
@@ -274,8 +275,8 @@ def _restore_latest(config, workdir):
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, sharding.state_shardings(abstract, mesh))
-  with checkpoint.make_manager(str(workdir)) as manager:
-    state, _ = resume.restore_latest(
+  with orbax_state.make_manager(str(workdir)) as manager:
+    state, _ = orbax_state.restore_latest(
         manager, abstract, workdir=str(workdir),
         check_meta=lambda meta: validation.check_resume_meta(meta, config))
     return int(state.step), manager.all_steps()
@@ -283,7 +284,7 @@ def _restore_latest(config, workdir):
 
 def _assert_moved_aside(workdir, caplog, step=8):
   assert re.search(rf'damaged checkpoint \S+/checkpoints/{step}\b', caplog.text)
-  moved = glob.glob(str(workdir / resume.CORRUPT_DIR / f'{step}-*'))
+  moved = glob.glob(str(workdir / orbax_state.CORRUPT_DIR / f'{step}-*'))
   assert len(moved) == 1 and os.listdir(moved[0])  # Kept, out of the way.
 
 
@@ -319,21 +320,21 @@ def test_no_intact_checkpoint_stops_and_moves_nothing(finished, data_dir, tmp_pa
   shutil.copytree(finished, workdir)
   for step in (4, 8):
     _garble(workdir / 'checkpoints' / str(step) / 'params')
-  with pytest.raises(resume.NoGoodCheckpointError, match='step 8: .*step 4: '):
+  with pytest.raises(orbax_state.NoGoodCheckpointError, match='step 8: .*step 4: '):
     trainer.train_and_evaluate(_config(data_dir), str(workdir))
   assert _steps(workdir) == [4, 8]
-  assert not (workdir / resume.CORRUPT_DIR).exists()
+  assert not (workdir / orbax_state.CORRUPT_DIR).exists()
 
 
 def test_changed_model_is_refused_not_taken_for_damage(finished, data_dir, tmp_path):
   workdir = tmp_path / 'work'
   shutil.copytree(finished, workdir)
   config = _config(data_dir, model={'num_layers': 2})
-  with pytest.raises(validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r'(?s)another model or optimizer .*encoderblock_1'):
     trainer.train_and_evaluate(config, str(workdir))
   assert _steps(workdir) == [4, 8]
-  assert not (workdir / resume.CORRUPT_DIR).exists()
+  assert not (workdir / orbax_state.CORRUPT_DIR).exists()
 
 
 def test_skip_step_leaves_the_state_unchanged_and_counts(data_dir, tmp_path,

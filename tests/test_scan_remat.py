@@ -12,12 +12,13 @@ import pytest
 
 from configs import common
 from tiny import tiny_config
-from vit_jax import checkpoint_npz
+from vit_jax import checkpoint
+from vit_jax import errors
 from vit_jax import models
-from vit_jax import npz_layouts
 from vit_jax import optim
 from vit_jax import steps
 from vit_jax import validation
+from vit_jax.checkpoint import layouts
 from vit_jax.models.vit import REMAT_POLICIES
 
 LAYERS = 2
@@ -51,7 +52,7 @@ def _grads(model, params, *, train=False, seed=1):
 
 
 def _assert_close(a, b, atol):
-  flat_a, flat_b = (npz_layouts.flatten_params(t) for t in (a, b))
+  flat_a, flat_b = (layouts.flatten_params(t) for t in (a, b))
   assert flat_a.keys() == flat_b.keys()
   for name in flat_a:
     np.testing.assert_allclose(flat_a[name], flat_b[name], atol=atol, rtol=0,
@@ -69,7 +70,7 @@ def unrolled_params():
 def test_scanned_params_are_the_stacked_per_block_params(unrolled_params):
   scanned = jax.eval_shape(_model(scan_layers=True).init, jax.random.key(0),
                            IMAGES[:1])['params']
-  stacked = npz_layouts.stack_encoder_blocks(unrolled_params)
+  stacked = layouts.stack_encoder_blocks(unrolled_params)
   assert jax.tree.map(np.shape, stacked) == jax.tree.map(lambda s: s.shape, scanned)
   blocks = scanned['Transformer']['encoderblock']
   assert blocks['MultiHeadDotProductAttention_1']['query']['kernel'].shape == (
@@ -79,20 +80,20 @@ def test_scanned_params_are_the_stacked_per_block_params(unrolled_params):
       stacked['Transformer']['encoderblock']['MlpBlock_3']['Dense_1']['kernel'][1],
       unrolled_params['Transformer']['encoderblock_1']['MlpBlock_3']['Dense_1'][
           'kernel'])
-  _assert_close(npz_layouts.unstack_encoder_blocks(stacked), unrolled_params, 0)
-  assert npz_layouts.is_scanned(stacked)
-  assert not npz_layouts.is_scanned(unrolled_params)
+  _assert_close(layouts.unstack_encoder_blocks(stacked), unrolled_params, 0)
+  assert layouts.is_scanned(stacked)
+  assert not layouts.is_scanned(unrolled_params)
 
 
 def test_stacking_refuses_blocks_that_differ(unrolled_params):
-  flat = npz_layouts.flatten_params(unrolled_params)
+  flat = layouts.flatten_params(unrolled_params)
   del flat['Transformer/encoderblock_1/LayerNorm_0/bias']
   with pytest.raises(ValueError, match='encoderblock_1 differs'):
-    npz_layouts.stack_encoder_blocks(flat)
-  flat = npz_layouts.flatten_params(unrolled_params)
+    layouts.stack_encoder_blocks(flat)
+  flat = layouts.flatten_params(unrolled_params)
   flat = {k.replace('encoderblock_1/', 'encoderblock_5/'): v for k, v in flat.items()}
   with pytest.raises(ValueError, match='without gaps'):
-    npz_layouts.stack_encoder_blocks(flat)
+    layouts.stack_encoder_blocks(flat)
 
 
 # ------------------------------------------------------------------ numerics
@@ -104,16 +105,16 @@ def test_scan_forward_equals_unrolled(classifier):
   params = _random_params(unrolled)
   scanned = _model(classifier=classifier, scan_layers=True)
   want = _logits(unrolled, params)
-  got = _logits(scanned, npz_layouts.stack_encoder_blocks(params))
+  got = _logits(scanned, layouts.stack_encoder_blocks(params))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_scan_gradients_equal_unrolled(unrolled_params):
   want = _grads(_model(), unrolled_params)
   got = _grads(_model(scan_layers=True),
-               npz_layouts.stack_encoder_blocks(unrolled_params))
-  assert npz_layouts.is_scanned(got)
-  _assert_close(npz_layouts.unstack_encoder_blocks(got), want, atol=1e-5)
+               layouts.stack_encoder_blocks(unrolled_params))
+  assert layouts.is_scanned(got)
+  _assert_close(layouts.unstack_encoder_blocks(got), want, atol=1e-5)
 
 
 # Dropout and stochastic depth on: recomputation must replay the same masks.
@@ -125,7 +126,7 @@ def grads_without_remat(unrolled_params):
   """scan_layers -> (params, gradients) of the model without remat."""
   out = {}
   for scan in (False, True):
-    params = (npz_layouts.stack_encoder_blocks(unrolled_params) if scan
+    params = (layouts.stack_encoder_blocks(unrolled_params) if scan
               else unrolled_params)
     out[scan] = params, _grads(_model(scan_layers=scan, **_NOISY), params,
                                train=True)
@@ -144,7 +145,7 @@ def test_remat_policies_give_the_same_gradients(grads_without_remat, scan, polic
 def test_every_remat_policy_traces_a_gradient(unrolled_params, policy):
   # Tracing only (no compile): each name maps to a policy jax.checkpoint takes.
   model = _model(scan_layers=True, remat_policy=policy)
-  params = npz_layouts.stack_encoder_blocks(unrolled_params)
+  params = layouts.stack_encoder_blocks(unrolled_params)
   grads = jax.eval_shape(jax.grad(lambda p: model.apply(
       {'params': p}, IMAGES).sum()), params)
   assert jax.tree.map(lambda g: g.shape, grads) == jax.tree.map(np.shape, params)
@@ -153,7 +154,7 @@ def test_every_remat_policy_traces_a_gradient(unrolled_params, policy):
 def test_scan_draws_different_dropout_per_layer_and_linear_stochastic_depth():
   three = dict(num_layers=3, dropout_rate=0.5, stochastic_depth=0.8)
   model = models.create_model('ViT-test_4', 10, scan_layers=True, **three)
-  params = npz_layouts.stack_encoder_blocks(_random_params(
+  params = layouts.stack_encoder_blocks(_random_params(
       models.create_model('ViT-test_4', 10, **three)))
   images = np.tile(IMAGES, (8, 1, 1, 1))  # 64 examples for the drop rates.
   _, state = model.apply({'params': params}, images, train=True,
@@ -176,7 +177,7 @@ def test_sown_attention_weights_are_stacked_by_layer(unrolled_params):
   _, unrolled = _model().apply({'params': unrolled_params}, IMAGES,
                                mutable=['intermediates'])
   _, scanned = _model(scan_layers=True, remat_policy='full').apply(
-      {'params': npz_layouts.stack_encoder_blocks(unrolled_params)}, IMAGES,
+      {'params': layouts.stack_encoder_blocks(unrolled_params)}, IMAGES,
       mutable=['intermediates'])
   stacked = scanned['intermediates']['Transformer']['encoderblock'][
       'MultiHeadDotProductAttention_1']['attention_weights'][0]
@@ -191,45 +192,45 @@ def test_sown_attention_weights_are_stacked_by_layer(unrolled_params):
 
 
 def test_npz_round_trip_scanned_to_released_to_scanned(tmp_path, unrolled_params):
-  stacked = npz_layouts.stack_encoder_blocks(unrolled_params)
+  stacked = layouts.stack_encoder_blocks(unrolled_params)
   path = tmp_path / 'scanned.npz'
-  checkpoint_npz.save_npz(path, stacked)
+  checkpoint.save_npz(path, stacked)
   with np.load(path) as npz:
     names = set(npz.files)
-  assert names == set(npz_layouts.flatten_params(unrolled_params))  # Released names.
-  loaded = checkpoint_npz.load_npz(path)
+  assert names == set(layouts.flatten_params(unrolled_params))  # Released names.
+  loaded = checkpoint.load_npz(path)
   _assert_close(loaded, unrolled_params, 0)
-  _assert_close(npz_layouts.stack_encoder_blocks(loaded), stacked, 0)
+  _assert_close(layouts.stack_encoder_blocks(loaded), stacked, 0)
 
 
 def test_load_pretrained_puts_a_released_file_into_a_scanned_model(
     tmp_path, unrolled_params):
   path = tmp_path / 'released.npz'
-  checkpoint_npz.save_npz(path, unrolled_params)  # 10 classes.
+  checkpoint.save_npz(path, unrolled_params)  # 10 classes.
   scanned = models.create_model('ViT-test_4', 4, num_layers=LAYERS, scan_layers=True)
   init = jax.jit(scanned.init)(jax.random.key(1), IMAGES[:1])['params']
-  params, report = checkpoint_npz.load_pretrained(path, init, log=lambda _: None)
+  params, report = checkpoint.load_pretrained(path, init, log=lambda _: None)
   assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, init)
   assert 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel' in report.loaded
   assert sorted(report.reinitialised) == ['head/bias', 'head/kernel']
   unrolled = models.create_model('ViT-test_4', 4, num_layers=LAYERS)
-  features = dict(npz_layouts.unstack_encoder_blocks(params),
+  features = dict(layouts.unstack_encoder_blocks(params),
                   head={'kernel': np.ones((32, 4), np.float32),
                         'bias': np.zeros(4, np.float32)})
   want = _logits(unrolled, features)
-  got = _logits(scanned, npz_layouts.stack_encoder_blocks(features))
+  got = _logits(scanned, layouts.stack_encoder_blocks(features))
   np.testing.assert_allclose(got, want, atol=1e-5)
   # A workdir tree of a scanned model loads into an unrolled one as well.
-  back, _ = checkpoint_npz.load_pretrained(params, features, log=lambda _: None)
+  back, _ = checkpoint.load_pretrained(params, features, log=lambda _: None)
   _assert_close(back, features, 0)
 
 
 def test_match_block_layout_follows_the_model(unrolled_params):
   abstract = jax.eval_shape(_model(scan_layers=True).init, jax.random.key(0),
                             IMAGES[:1])['params']
-  stacked = npz_layouts.match_block_layout(unrolled_params, abstract)
-  assert npz_layouts.is_scanned(stacked)
-  _assert_close(npz_layouts.match_block_layout(stacked, unrolled_params),
+  stacked = layouts.match_block_layout(unrolled_params, abstract)
+  assert layouts.is_scanned(stacked)
+  _assert_close(layouts.match_block_layout(stacked, unrolled_params),
                 unrolled_params, 0)
 
 
@@ -257,8 +258,8 @@ def test_train_step_with_scan_and_remat_matches_unrolled(unrolled_params):
 
   want = one_step(_model(), unrolled_params)
   got = one_step(_model(scan_layers=True, remat_policy='full'),
-                 npz_layouts.stack_encoder_blocks(unrolled_params))
-  _assert_close(npz_layouts.unstack_encoder_blocks(got), want, atol=1e-5)
+                 layouts.stack_encoder_blocks(unrolled_params))
+  _assert_close(layouts.unstack_encoder_blocks(got), want, atol=1e-5)
 
 
 # ------------------------------------------------------------------ config
@@ -269,7 +270,7 @@ def test_bad_remat_policy_is_refused_before_compile(tmp_path):
     models.create_model('ViT-test_4', 10, remat_policy='bogus')
   config = tiny_config(tmp_path)
   config.model.remat_policy = 'checkpoint_everything'
-  with pytest.raises(validation.ConfigError, match='remat_policy'):
+  with pytest.raises(errors.ConfigError, match='remat_policy'):
     validation.check_config(config)
   config.model.remat_policy = 'dots_saveable'
   config.model.scan_layers = True
@@ -285,7 +286,7 @@ def test_bad_remat_policy_is_refused_before_compile(tmp_path):
 
 @pytest.mark.parametrize('scan', [False, True])
 def test_fused_attention_equals_xla_in_float32(unrolled_params, scan):
-  params = (npz_layouts.stack_encoder_blocks(unrolled_params) if scan
+  params = (layouts.stack_encoder_blocks(unrolled_params) if scan
             else unrolled_params)
   xla = _logits(_model(scan_layers=scan), params)
   fused = _logits(_model(scan_layers=scan, attention_impl='fused'), params)
@@ -293,7 +294,7 @@ def test_fused_attention_equals_xla_in_float32(unrolled_params, scan):
 
 
 def test_bfloat16_scanned_logits_stay_close_to_float32(unrolled_params):
-  params = npz_layouts.stack_encoder_blocks(unrolled_params)
+  params = layouts.stack_encoder_blocks(unrolled_params)
   f32 = _logits(_model(scan_layers=True), params)
   bf16_model = _model(scan_layers=True, dtype='bfloat16', remat_policy='full')
   bf16 = _logits(bf16_model, params)

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import checkpoint
+from vit_jax import errors
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
@@ -23,6 +24,7 @@ from vit_jax import sharding
 from vit_jax import steps
 from vit_jax import trainer
 from vit_jax import validation
+from vit_jax.checkpoint import orbax_state
 
 from tiny import step_config
 from tiny import tiny_config
@@ -182,7 +184,7 @@ def test_model_axis_must_divide_mlp_dim():
 def test_config_errors_before_compiling(overrides, message):
   config = _config(total_steps=10)
   config.update(overrides)
-  with pytest.raises(validation.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     validation.check_config(config)
 
 
@@ -195,13 +197,13 @@ def test_mesh_must_use_every_device():
 
 def test_checkpoint_restores_into_other_shardings_and_device_counts(tmp_path):
   _, _, saved, _ = _init(parallel.make_mesh(), FSDP_ALL)  # 8 devices, 8 x 1.
-  manager = checkpoint.make_manager(str(tmp_path), async_save=False)
-  checkpoint.save(manager, saved, {})
+  manager = orbax_state.make_manager(str(tmp_path), async_save=False)
+  orbax_state.save(manager, saved, {})
   mesh = parallel.make_mesh(4, model=2)  # 4 devices, 2 x 2.
   _, _, _, target = _init(mesh, 'fsdp+model')
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved, target)
-  restored, _ = checkpoint.restore(manager, abstract)
+  restored, _ = orbax_state.restore(manager, abstract)
   manager.close()
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
     assert got.sharding == want

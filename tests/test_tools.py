@@ -17,8 +17,8 @@ from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import metrics
 from vit_jax import models
-from vit_jax import npz_layouts
 from vit_jax import trainer
+from vit_jax.checkpoint import layouts
 from vit_jax.data import sources
 from vit_jax.tools import attention_map
 from vit_jax.tools import cli
@@ -167,7 +167,7 @@ def test_export_writes_the_released_layout_exactly(workdir, images, tmp_path,
 
 def _load_safetensors(path):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return npz_layouts.unflatten_params(load_file(path))
+  return layouts.unflatten_params(load_file(path))
 
 
 def test_export_of_a_missing_workdir_fails(tmp_path, capsys):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
+from vit_jax import errors
 from vit_jax import metrics
 from vit_jax import trainer
 from vit_jax import validation
@@ -91,7 +92,7 @@ def test_resume_refuses_a_different_run(finished_run, data_dir, tmp_path):
   workdir, _ = finished_run
   other = str(tmp_path / 'other')
   shutil.copytree(workdir, other)
-  with pytest.raises(validation.ConfigError, match='batch_size: checkpoint 32 vs config 64'):
+  with pytest.raises(errors.ConfigError, match='batch_size: checkpoint 32 vs config 64'):
     trainer.train_and_evaluate(tiny_config(data_dir, batch_size=64), other)
 
 
@@ -121,11 +122,11 @@ def test_bad_input_fails_before_compiling(data_dir, tmp_path, overrides, message
 
 
 def test_workdir_errors(tmp_path):
-  with pytest.raises(validation.ConfigError, match='parent directory .* does not exist'):
+  with pytest.raises(errors.ConfigError, match='parent directory .* does not exist'):
     validation.prepare_workdir(str(tmp_path / 'missing' / 'run'))
   blocked = tmp_path / 'file'
   blocked.write_text('x')
-  with pytest.raises(validation.ConfigError, match='not a directory'):
+  with pytest.raises(errors.ConfigError, match='not a directory'):
     validation.prepare_workdir(str(blocked))
 
 

@@ -34,7 +34,7 @@ def _kill_self() -> None:
 
 
 def install(fault: Optional[str], patch=None) -> None:
-  """Wraps vit_jax.data.train_iterator / vit_jax.checkpoint.save for `fault`.
+  """Wraps vit_jax.data.train_iterator / vit_jax.checkpoint.orbax_state.save for `fault`.
 
   Args:
     fault: 'kind:arg' as in the module docstring, or None for no fault.
@@ -43,14 +43,14 @@ def install(fault: Optional[str], patch=None) -> None:
   """
   if not fault:
     return
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax import data  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoint import orbax_state  # pylint: disable=g-import-not-at-top
   patch = patch or setattr
   kind, arg = fault.split(':')
   steps = {int(s) for s in arg.split(',')}
 
   managers = []  # The trainer's checkpoint manager, seen through save().
-  original_save = checkpoint.save
+  original_save = orbax_state.save
 
   def save(manager, state, meta):
     managers.append(manager)
@@ -60,7 +60,7 @@ def install(fault: Optional[str], patch=None) -> None:
         manager.wait_until_finished()
       _kill_self()
 
-  patch(checkpoint, 'save', save)
+  patch(orbax_state, 'save', save)
   if kind in ('kill_between', 'nan'):
     original_iterator = data.train_iterator
 

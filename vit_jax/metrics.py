@@ -1,4 +1,5 @@
-"""Training metrics: writers, progress line, throughput and MFU, curves plot.
+"""Training metrics and log lines: writers, progress line, throughput and MFU,
+curves plot, and `summarize_names` (a short listing of parameter names).
 
 FLOP counting and the peak behind MFU live in vit_jax/flops.py.
 
@@ -27,6 +28,52 @@ from vit_jax import flops
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 PLOT_FILE = 'curves.png'
+
+
+# --------------------------------------------------------------------------------
+# Log lines.
+# --------------------------------------------------------------------------------
+_NUMBERED_BLOCK = re.compile(r'^(.*?(?:encoderblock_|MixerBlock_))(\d+)/')
+
+
+def summarize_names(names: list[str]) -> str:
+  """A short, complete listing of flat param names for a log line.
+
+  Names are grouped by module and numbered blocks are folded into a range, so a
+  ViT-B's 152 backbone tensors read as `embedding/* (2), cls,
+  Transformer/posembed_input/pos_embedding, Transformer/encoderblock_{0-11}/*
+  (192), Transformer/encoder_norm/* (2)`: every tensor is accounted for.
+  """
+  groups: dict[str, tuple[list[str], set[int]]] = {}
+  for name in names:
+    block = _NUMBERED_BLOCK.match(name)
+    if block:
+      key = block.group(1) + '{}/*'
+    else:
+      key = name.rsplit('/', 1)[0] + '/*' if '/' in name else name
+    members, blocks = groups.setdefault(key, ([], set()))
+    members.append(name)
+    if block:
+      blocks.add(int(block.group(2)))
+  parts = []
+  for key, (members, blocks) in groups.items():
+    if len(members) == 1:
+      key = members[0]
+    elif blocks:
+      key = key.format('{' + _ranges(sorted(blocks)) + '}')
+    parts.append(f'{key} ({len(members)})' if len(members) > 1 else key)
+  return ', '.join(parts) if parts else 'none'
+
+
+def _ranges(numbers: list[int]) -> str:
+  """[0, 1, 2, 5] -> '0-2,5'."""
+  spans: list[list[int]] = []
+  for n in numbers:
+    if spans and n == spans[-1][1] + 1:
+      spans[-1][1] = n
+    else:
+      spans.append([n, n])
+  return ','.join(str(a) if a == b else f'{a}-{b}' for a, b in spans)
 
 
 # --------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import optax
 
-from vit_jax.npz_layouts import summarize_names
+from vit_jax.metrics import summarize_names
 
 PyTree = Any
 

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import param_rules
-from vit_jax.npz_layouts import summarize_names
+from vit_jax.metrics import summarize_names
 from vit_jax.parallel import DATA_AXIS
 from vit_jax.parallel import MODEL_AXIS
 

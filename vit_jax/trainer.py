@@ -26,10 +26,10 @@ from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import param_rules
 from vit_jax import preemption
-from vit_jax import resume
 from vit_jax import sharding
 from vit_jax import steps
 from vit_jax import validation
+from vit_jax.checkpoint import orbax_state
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
@@ -122,10 +122,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       abstract_state, state_sharding)
 
   # -------------------------------------- resume, or start (scratch/pretrained)
-  manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
+  manager = orbax_state.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   # The newest checkpoint that restores intact; damaged newer ones are moved
   # aside with a warning, one of another run is refused.
-  restored = resume.restore_latest(
+  restored = orbax_state.restore_latest(
       manager, abstract_state, workdir=workdir,
       check_meta=lambda meta: validation.check_resume_meta(meta, config))
   if restored is not None:
@@ -204,7 +204,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def save_checkpoint() -> None:
     stop_if_nonfinite()
-    checkpoint.save(manager, state, meta)
+    orbax_state.save(manager, state, meta)
 
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.to_global_batch(next(train_iter), mesh)

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from vit_jax import mixup
+from vit_jax.errors import ConfigError
 from vit_jax import models
 from vit_jax import parallel
 from vit_jax import param_rules
@@ -24,7 +25,7 @@ from vit_jax import sharding
 from vit_jax import steps
 from vit_jax.data import preprocess
 from vit_jax.data.info import eval_splits
-from vit_jax.posemb_resize import METHODS as POSEMB_RESIZE_METHODS
+from vit_jax.checkpoint.posemb import METHODS as POSEMB_RESIZE_METHODS
 
 _OPTIMIZERS = ('sgd', 'adam', 'adamw')
 _SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
@@ -34,10 +35,6 @@ _RESUME_KEYS = ('batch_size', 'seed', 'dataset', 'train_split', 'accum_steps',
                 'image_size', 'ema_decay')
 # Keys added after checkpoints were written without them: the value those had.
 _RESUME_DEFAULTS = {'ema_decay': 0.0}
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message says which key and why."""
 
 
 def _require(ok: bool, message: str) -> None:

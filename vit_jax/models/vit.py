@@ -15,7 +15,7 @@ recomputes each block's activations in the backward pass (`jax.checkpoint`)
 instead of keeping them, trading compute for memory. On CPU (ViT-B/16, batch 8)
 only the two together cut peak memory (about 0.55x); scan alone raised it and
 slowed the step, and XLA's cost analysis counts a scanned block once.
-`npz_layouts.stack_encoder_blocks` / `unstack_encoder_blocks` convert params.
+`checkpoint.layouts.stack_encoder_blocks` / `unstack_encoder_blocks` convert params.
 """
 
 from typing import Any, Callable, Optional, Sequence

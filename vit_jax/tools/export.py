@@ -21,7 +21,7 @@ from etils import epath
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax import npz_layouts
+from vit_jax.checkpoint import layouts
 from vit_jax.tools import cli
 
 
@@ -43,7 +43,7 @@ def save_safetensors(path: str, params: dict[str, Any]) -> None:
     raise ImportError('--safetensors needs the safetensors package: '
                       '`pip install safetensors`.') from e
   flat = {name: np.ascontiguousarray(value) for name, value in
-          npz_layouts.flatten_params(params).items()}
+          layouts.flatten_params(params).items()}
   blob = st_numpy.save(flat, metadata={'layout': 'vit released npz names'})
   target = epath.Path(path)
   tmp = target.parent / f'.{target.name}.tmp'
@@ -68,7 +68,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     raise ValueError('--workdir and --out are required')
   params = export(fv.workdir, fv.out, step=fv.step,
                   safetensors_path=fv.safetensors)
-  arrays = npz_layouts.flatten_params(params)
+  arrays = layouts.flatten_params(params)
   size = sum(a.nbytes for a in arrays.values())
   print(f'wrote {fv.out}: {len(arrays)} arrays, {size / 2**20:.1f} MiB'
         + (f'; and {fv.safetensors}' if fv.safetensors else ''))

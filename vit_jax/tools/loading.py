@@ -30,7 +30,8 @@ import tensorflow as tf
 from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import models
-from vit_jax import npz_layouts
+from vit_jax.checkpoint import layouts
+from vit_jax.checkpoint import orbax_state
 from vit_jax.data import preprocess
 
 Params = dict[str, Any]
@@ -85,7 +86,7 @@ def saved_config(workdir: str, step: Optional[int] = None
     FileNotFoundError: no checkpoints under `workdir`.
     ValueError: `step` has no checkpoint, or the checkpoint has no config.
   """
-  meta = checkpoint.load_meta(workdir, step)
+  meta = orbax_state.load_meta(workdir, step)
   if 'config' not in meta:
     raise ValueError(f'the checkpoint in {workdir} has no saved config; use '
                      '--checkpoint with --model instead.')
@@ -108,7 +109,7 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> TrainedModel:
     # Scan and remat only speed up training; the tools read per-block names
     # (attention maps: encoderblock_{i}/.../attention_weights).
     model = model.clone(scan_layers=False, remat_policy='none')
-    params = npz_layouts.unstack_encoder_blocks(params)
+    params = layouts.unstack_encoder_blocks(params)
   return TrainedModel(
       model=model, params=params,
       class_names=_dataset_class_names(config, num_classes),

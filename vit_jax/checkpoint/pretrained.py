@@ -1,151 +1,41 @@
-"""Reads and writes the released `.npz` checkpoint format.
+"""Fine-tuning params from a pre-trained checkpoint: `load_pretrained`.
 
-A released ViT/Mixer checkpoint is `np.savez` of the params tree flattened to
-'/'-joined names (`Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`). This
-project's modules use those names, so a params tree and a released file map
-one to one. `load_npz` also reads Linen-layout and big_vision files, converting
-their names (see `npz_layouts.convert_to_released_layout`). `load_pretrained`
-turns a pre-training checkpoint into fine-tuning params for a new task.
-
-Models built with `scan_layers=True` stack their encoder blocks on a leading
-axis (`Transformer/encoderblock/...`). Files are always written per block (the
-released layout), `load_npz` always returns per-block trees, and
-`load_pretrained` returns the layout of the `init_params` it is given;
-`stack_encoder_blocks` / `unstack_encoder_blocks` convert by hand.
-
-All paths go through `etils.epath`, so `gs://` works wherever TF's gfile does.
+The source is a released / Linen / big_vision `.npz`, one of our workdirs (its
+`checkpoints/`, or one `checkpoints/<step>`), or a params tree already in
+memory. Whatever it is, the same rules turn it into the params of the model to
+fine-tune: the backbone is taken by name, the task head is the model's own
+(fresh), `pre_logits` is kept or dropped as asked, and the position embedding
+is resized to the model's patch grid (vit_jax.checkpoint.posemb). Matching
+happens in the released per-block layout; a scanned model (`scan_layers`) gets
+its blocks stacked back at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import uuid
-import zipfile
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import logging
 from etils import epath
-import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.npz_layouts import BLOCK_RE
-from vit_jax.npz_layouts import POSEMB_KEY
-from vit_jax.npz_layouts import Params
-from vit_jax.npz_layouts import convert_to_released_layout
-from vit_jax.npz_layouts import flatten_params
-from vit_jax.npz_layouts import is_scanned
-from vit_jax.npz_layouts import stack_encoder_blocks
-from vit_jax.npz_layouts import summarize_names
-from vit_jax.npz_layouts import unflatten_params
-from vit_jax.npz_layouts import unstack_encoder_blocks
-from vit_jax.posemb_resize import resize_posemb
-
-__all__ = [
-    'LoadReport', 'convert_to_released_layout', 'flatten_params',
-    'load_npz', 'load_pretrained', 'resize_posemb', 'save_npz',
-    'stack_encoder_blocks', 'unflatten_params', 'unstack_encoder_blocks',
-]
+from vit_jax.checkpoint import npz
+from vit_jax.checkpoint import orbax_state
+from vit_jax.checkpoint.layouts import BLOCK_RE
+from vit_jax.checkpoint.layouts import POSEMB_KEY
+from vit_jax.checkpoint.layouts import Params
+from vit_jax.checkpoint.layouts import convert_to_released_layout
+from vit_jax.checkpoint.layouts import flatten_params
+from vit_jax.checkpoint.layouts import is_scanned
+from vit_jax.checkpoint.layouts import stack_encoder_blocks
+from vit_jax.checkpoint.layouts import unflatten_params
+from vit_jax.checkpoint.layouts import unstack_encoder_blocks
+from vit_jax.checkpoint.posemb import resize_posemb
+from vit_jax.metrics import summarize_names
 
 # Top-level modules that belong to the task, not to the pre-trained backbone.
 _TASK_MODULES = ('head', 'pre_logits')
-
-
-# ---------------------------------------------------------------- file I/O
-
-
-def save_npz(path: str | epath.PathLike, params: Mapping[str, Any]) -> None:
-  """Writes `params` (our names = released names) as a released `.npz`.
-
-  A scanned model's stacked blocks are written per block (`encoderblock_{i}`),
-  so every file this writes reads like a released one, whatever `scan_layers`.
-
-  The file is written under a temporary name in the same directory and then
-  renamed over `path`, so an existing checkpoint is never left half-written.
-  bfloat16 and other non-numpy float types are stored as float32 (numpy cannot
-  read them back from an .npz); numpy dtypes are kept as they are.
-  """
-  if set(params) == {'params'}:
-    raise ValueError("Pass variables['params'], not the whole variables dict.")
-  flat = {k: _numpy_dtype(k, v)
-          for k, v in flatten_params(unstack_encoder_blocks(params)).items()}
-  if not flat:
-    raise ValueError(f'Refusing to write {path}: params tree has no arrays.')
-  path = epath.Path(path)
-  tmp = path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex}'
-  try:
-    with tmp.open('wb') as f:
-      np.savez(f, allow_pickle=False, **flat)
-    tmp.replace(path)
-  except BaseException:
-    try:
-      if tmp.exists():
-        tmp.unlink()
-    except Exception:  # pylint: disable=broad-except
-      logging.warning('Could not remove temporary file %s', tmp)
-    raise
-
-
-def _numpy_dtype(name: str, value: np.ndarray) -> np.ndarray:
-  if value.dtype.kind != 'V':
-    if value.dtype.kind == 'O':
-      raise ValueError(f'{name}: object arrays cannot be saved.')
-    return value
-  if jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16, float8, ...
-    return value.astype(np.float32)
-  raise ValueError(f'{name}: dtype {value.dtype} has no numpy equivalent.')
-
-
-def load_npz(path: str | epath.PathLike) -> Params:
-  """Loads a released, Linen or big_vision `.npz` as a params tree in our names.
-
-  Returns:
-    Nested dicts of numpy arrays, e.g. `tree['Transformer']['encoderblock_0']
-    ['MlpBlock_3']['Dense_0']['kernel']` of shape [D, M].
-
-  Raises:
-    FileNotFoundError: `path` does not exist.
-    ValueError: `path` is not a readable .npz archive (wrong format, truncated,
-      corrupt, pickled objects) or mixes layouts.
-  """
-  return unflatten_params(convert_to_released_layout(_read_npz(path)))
-
-
-def _read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
-  path = epath.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f'No checkpoint file at {path}')
-  if path.is_dir():
-    raise ValueError(f'{path} is a directory, not an .npz file (an Orbax '
-                     'checkpoint directory is read with load_params).')
-  with path.open('rb') as f:
-    magic = f.read(6)
-    f.seek(0)
-    if not magic.startswith(b'PK'):  # Every .npz is a zip archive.
-      raise ValueError(f'{path} is not an .npz checkpoint: {_what_is(magic)}.')
-    try:
-      with np.load(f, allow_pickle=False) as npz:
-        flat = {name: npz[name] for name in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile,
-            zlib.error) as e:
-      raise ValueError(
-          f'{path} could not be read as an .npz checkpoint; it may be '
-          f'truncated or corrupt ({type(e).__name__}: {e}).') from e
-  if not flat:
-    raise ValueError(f'{path} is an empty .npz archive (no arrays).')
-  return flat
-
-
-def _what_is(magic: bytes) -> str:
-  if not magic:
-    return 'the file is empty'
-  if magic.startswith(b'\x93NUMPY'):
-    return 'it is a single .npy array, not an .npz archive of named arrays'
-  return f'it does not start with the zip signature (first bytes {magic!r})'
-
-
-# ---------------------------------------------------------------- fine-tuning
 
 
 @dataclasses.dataclass
@@ -187,9 +77,10 @@ def load_pretrained(
   """Builds fine-tuning params: the checkpoint's backbone, the model's head.
 
   Args:
-    path: released, Linen or big_vision `.npz` file, or an already loaded
-      params tree (nested or flat '/'-joined names in any of those layouts,
-      e.g. `checkpoint.load_params` of a workdir).
+    path: released, Linen or big_vision `.npz` file; a workdir of ours, its
+      `checkpoints/` dir (latest step) or one `checkpoints/<step>`; or an
+      already loaded params tree (nested or flat '/'-joined names in any of
+      those layouts).
     init_params: freshly initialised params of the model to fine-tune (concrete
       arrays: head and re-initialised pre_logits values are taken from here).
     keep_pre_logits: None (default) keeps the checkpoint's `pre_logits` if the
@@ -209,6 +100,7 @@ def load_pretrained(
     model), and a `LoadReport` (which names tensors per block).
 
   Raises:
+    FileNotFoundError: nothing at `path`, or a directory without checkpoints.
     ValueError: the checkpoint misses or adds backbone tensors, or shapes
       differ; the message lists the names and the likely cause.
   """
@@ -222,8 +114,11 @@ def load_pretrained(
   if isinstance(path, Mapping):
     ckpt = convert_to_released_layout(flatten_params(path))
     path = source
+  elif (workdir := _workdir_source(path)) is not None:
+    tree = orbax_state.load_params(*workdir)
+    ckpt = convert_to_released_layout(flatten_params(tree))
   else:
-    ckpt = convert_to_released_layout(_read_npz(path))
+    ckpt = convert_to_released_layout(npz.read_npz(path))
 
   model_has_pre_logits = any(k.startswith('pre_logits/') for k in init)
   file_has_pre_logits = any(k.startswith('pre_logits/') for k in ckpt)
@@ -332,3 +227,19 @@ def _clip(items: list[str], limit: int = 12) -> list[str]:
   if len(items) <= limit:
     return list(items)
   return list(items[:limit]) + [f'... and {len(items) - limit} more']
+
+
+def _workdir_source(path: str | epath.PathLike) -> tuple[str, int | None] | None:
+  """(checkpoints dir, step or None) if `path` is a workdir of ours, None for a file."""
+  path = epath.Path(path)
+  if not path.is_dir():
+    return None
+  if path.name.isdigit() and path.parent.name == orbax_state.CHECKPOINT_DIR:
+    return str(path.parent), int(path.name)
+  if path.name == orbax_state.CHECKPOINT_DIR or (
+      path / orbax_state.CHECKPOINT_DIR).is_dir():
+    return str(path), None
+  raise FileNotFoundError(
+      f'{path} is a directory without {orbax_state.CHECKPOINT_DIR}/: a '
+      'pre-trained checkpoint is an .npz file, a workdir, its checkpoints/ '
+      'directory or checkpoints/<step>.')

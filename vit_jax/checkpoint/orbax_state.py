@@ -13,28 +13,35 @@ a file truncated or garbled later -- is caught on restore: `meta` records the
 state's layout (name -> shape, dtype) and a digest of its bytes, and `restore`
 checks both (vit_jax.resume falls back past a checkpoint that fails).
 
-The `.npz` functions (`save_npz`, `load_npz`, `resize_posemb`) live in
-vit_jax.checkpoint_npz and are re-exported here; `load_pretrained` here adds our
-own workdirs as a fine-tuning source to the `.npz` files it reads there.
+Resuming (`restore_latest`) takes the newest checkpoint that restores intact.
+What a rename cannot catch is detected by `restore`; the run then falls back
+to the next older checkpoint, and the damaged ones newer than it are moved out
+of the manager's view to `<workdir>/corrupt_checkpoints/<step>-<time>/`, never
+deleted: the manager would otherwise keep counting them as the latest steps
+(and refuse to save those steps again). Nothing is moved unless an older
+checkpoint restored, so the last good checkpoint is never lost; if none
+restores, the run stops and says so. Because a resume is exact (the data
+position is the step), falling back costs only the recomputation of its steps.
+A checkpoint of a different run (other batch size, model, optimizer, ...) is
+not damage: that error is raised as it is, and nothing is moved.
 """
 
 import dataclasses
-from typing import Any, Callable, Optional, Union
+import time
+from typing import Any, Callable, Optional
 
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vit_jax import checkpoint_npz
-from vit_jax.checkpoint_npz import LoadReport  # noqa: F401  (re-export)
-from vit_jax.checkpoint_npz import load_npz  # noqa: F401
-from vit_jax.checkpoint_npz import resize_posemb  # noqa: F401
-from vit_jax.checkpoint_npz import save_npz  # noqa: F401
+from vit_jax.errors import ConfigError
 
 CHECKPOINT_DIR = 'checkpoints'
+CORRUPT_DIR = 'corrupt_checkpoints'
 ITEM_NAMES = ('params', 'ema_params', 'train', 'meta')
 
 
@@ -263,40 +270,89 @@ def _restore_read_only(
   return step, restored
 
 
-def load_pretrained(path: Union[str, epath.PathLike], init_params: Any,
-                    **kwargs: Any) -> tuple[dict[str, Any], LoadReport]:
-  """Fine-tuning params from a released `.npz` or from one of our workdirs.
+# ---------------------------------------------------------------- resume
 
-  `path` is a released / Linen / big_vision `.npz`, a workdir, its
-  `checkpoints/` dir (latest step), or one step `checkpoints/<step>`. A workdir's
-  params go through the same head / pre_logits / posemb logic as a file, so
-  pre-training here and fine-tuning here is the released-checkpoint workflow.
-  Keyword arguments are those of `checkpoint_npz.load_pretrained`.
 
+class NoGoodCheckpointError(RuntimeError):
+  """Every checkpoint of a workdir failed to restore."""
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, *,
+                   workdir: str,
+                   check_meta: Callable[[dict[str, Any]], None]
+                   ) -> Optional[tuple[Any, dict[str, Any]]]:
+  """(state, meta) of the newest intact checkpoint, or None if there is none.
+
+  Args:
+    manager: the workdir's checkpoint manager; reloaded if steps were moved.
+    abstract_state: target shapes and shardings (see `restore`).
+    workdir: where `corrupt_checkpoints/` goes.
+    check_meta: raises if a checkpoint belongs to another run.
   Raises:
-    FileNotFoundError: nothing at `path`, or a directory without checkpoints.
-    ValueError: the checkpoint is of another architecture (lists the tensors).
+    NoGoodCheckpointError: checkpoints exist but none restores.
+    ConfigError: a checkpoint of another run (different batch size,
+      model, optimizer, ...); nothing is moved.
   """
-  orbax = _orbax_source(path)
-  if orbax is None:
-    return checkpoint_npz.load_pretrained(path, init_params, **kwargs)
-  directory, step = orbax
-  tree = load_params(directory, step)
-  return checkpoint_npz.load_pretrained(tree, init_params, source=str(path),
-                                        **kwargs)
-
-
-def _orbax_source(path: Union[str, epath.PathLike]
-                  ) -> Optional[tuple[str, Optional[int]]]:
-  """(checkpoints dir, step or None) if `path` is ours, None for a file."""
-  path = epath.Path(path)
-  if not path.is_dir():
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, meta = restore(manager, abstract_state, step,
+                            check_meta=check_meta)
+      error = None
+    except IncompatibleCheckpointError as e:
+      raise ConfigError(str(e)) from None
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      error = f'{type(e).__name__}: {_first_line(e)}'
+    # Every process must pick the same step, even if only one saw the damage.
+    if _all_processes_agree(error is None):
+      break
+    error = error or 'another process could not restore it'
+    logging.warning('Checkpoint %s/%d is damaged (%s); trying an older one.',
+                    manager.directory, step, error)
+    damaged.append((step, error))
+  else:
+    if damaged:
+      raise NoGoodCheckpointError(
+          f'No checkpoint in {manager.directory} restores: '
+          + '; '.join(f'step {s}: {e}' for s, e in damaged)
+          + '. They were left in place. Move them elsewhere to start this '
+          'workdir from scratch, or use a new --workdir.')
     return None
-  if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
-    return str(path.parent), int(path.name)
-  if path.name == CHECKPOINT_DIR or (path / CHECKPOINT_DIR).is_dir():
-    return str(path), None
-  raise FileNotFoundError(
-      f'{path} is a directory without {CHECKPOINT_DIR}/: a pre-trained '
-      'checkpoint is an .npz file, a workdir, its checkpoints/ directory or '
-      'checkpoints/<step>.')
+
+  for bad_step, error in damaged:
+    moved = _move_aside(manager.directory, bad_step, workdir)
+    logging.warning('Resuming from step %d instead of damaged checkpoint %s/%d, '
+                    'which was moved to %s (%s).', step, manager.directory,
+                    bad_step, moved, error)
+  if damaged:
+    manager.reload()
+  return state, meta
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [''])[0][:300]
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _move_aside(directory: epath.Path, step: int, workdir: str) -> epath.Path:
+  """Renames `directory/step` to `workdir/corrupt_checkpoints/<step>-<time>`."""
+  stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime())
+  target = epath.Path(workdir) / CORRUPT_DIR / f'{step}-{stamp}'
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      (epath.Path(directory) / str(step)).rename(target)
+    except Exception as e:  # pylint: disable=broad-except  (OSError, tf errors)
+      raise NoGoodCheckpointError(
+          f'Could not move damaged checkpoint {directory}/{step} aside ({e}); '
+          f'move it out of {directory} by hand and rerun.') from e
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'moved damaged checkpoint {step}')
+  return target
