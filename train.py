@@ -69,7 +69,7 @@ def main(argv):
   logging.info('JAX process %d/%d, %d local / %d global devices',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  from vit_jax import errors  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_checks  # pylint: disable=g-import-not-at-top
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if jax.process_count() > 1:
@@ -77,7 +77,7 @@ def main(argv):
       # racing other threads' teardown (seen to abort one process of a pair).
       multihost_utils.sync_global_devices('vit_jax: training done')
       jax.distributed.shutdown()
-  except errors.ConfigError as e:
+  except config_checks.ConfigError as e:
     # What to change, without a traceback: nothing was compiled or written.
     raise app.UsageError(str(e)) from None
   except FloatingPointError as e:

@@ -303,7 +303,7 @@ def test_check_pp_rejects_unknown_randaugment_rule():
   assert "config.pp.randaugment_rule='timm'" in message
   assert "'reference'" in message and "'increasing'" in message
   with pytest.raises(ValueError, match='config.pp.randaugment_rule'):
-    preprocess.train_preprocess(_pp(randaugment_rule='Reference'), 16, 3)
+    preprocess.check_pp(_pp(randaugment_rule='Reference'))
 
 
 def test_train_preprocess_passes_the_rule():

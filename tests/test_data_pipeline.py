@@ -185,9 +185,9 @@ def test_errors_before_any_model(digits_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='tfds build mnist'):
     data.get_dataset_info(_config(tmp_path, dataset='mnist'))
   with pytest.raises(ValueError, match='channels'):
-    data.get_dataset_info(_config(digits_dir, channels=2))
+    data.check_config(_config(digits_dir, channels=2))
   with pytest.raises(ValueError, match='train_crop'):
-    data.get_dataset_info(_config(digits_dir, pp_train_crop='center'))
+    data.check_config(_config(digits_dir, pp_train_crop='center'))
 
 
 def test_tensorflow_sees_no_accelerators():

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from configs import common
+from tiny import step_config
 from tiny import tiny_config
 from vit_jax import checkpoint
-from vit_jax import errors
+from vit_jax import config_checks
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
+from vit_jax import run_setup
 from vit_jax import steps
 from vit_jax import trainer
-from vit_jax import validation
 from vit_jax.checkpoint import orbax_state
 
 IMAGE_SHAPE = (8, 8, 3)
@@ -84,8 +85,8 @@ def test_ema_decay_without_an_ema_state_is_an_error():
   step = steps.make_train_step(model, tx, num_classes=10, ema_decay=0.9)
   with pytest.raises(ValueError, match='ema=True'):
     jax.eval_shape(step, state, _batch())
-  with pytest.raises(ValueError, match='ema_decay'):
-    steps.make_train_step(model, tx, num_classes=10, ema_decay=1.0)
+  with pytest.raises(ValueError, match='ema_decay'):  # Checked with the config.
+    steps.check_config(step_config(ema_decay=1.0))
 
 
 def test_checkpoint_saves_and_restores_ema(two_steps, tmp_path):
@@ -129,19 +130,19 @@ def test_state_without_ema_keeps_the_old_layout(two_steps, tmp_path):
 
 def test_resume_with_another_ema_setting_is_refused(tmp_path):
   config = tiny_config(tmp_path, ema_decay=0.999)
-  meta = validation.resume_meta(config)
-  validation.check_resume_meta(meta, config)
+  meta = orbax_state.resume_meta(config)
+  orbax_state.check_resume_meta(meta, config)
   for other in (0.0, 0.9):
-    with pytest.raises(errors.ConfigError, match='ema_decay: checkpoint 0.999'):
-      validation.check_resume_meta(meta, tiny_config(tmp_path, ema_decay=other))
+    with pytest.raises(config_checks.ConfigError, match='ema_decay: checkpoint 0.999'):
+      orbax_state.check_resume_meta(meta, tiny_config(tmp_path, ema_decay=other))
   # Checkpoints written before ema_decay existed resume with EMA off only.
-  old = {k: v for k, v in validation.resume_meta(tiny_config(tmp_path)).items()
+  old = {k: v for k, v in orbax_state.resume_meta(tiny_config(tmp_path)).items()
          if k != 'ema_decay'}
-  validation.check_resume_meta(old, tiny_config(tmp_path))
-  with pytest.raises(errors.ConfigError, match='ema_decay'):
-    validation.check_resume_meta(old, config)
-  with pytest.raises(errors.ConfigError, match='ema_decay'):
-    validation.check_config(tiny_config(tmp_path, ema_decay=1.0))
+  orbax_state.check_resume_meta(old, tiny_config(tmp_path))
+  with pytest.raises(config_checks.ConfigError, match='ema_decay'):
+    orbax_state.check_resume_meta(old, config)
+  with pytest.raises(config_checks.ConfigError, match='ema_decay'):
+    run_setup.check_config(tiny_config(tmp_path, ema_decay=1.0))
 
 
 def test_loop_evaluates_saves_and_resumes_the_ema_exactly(tmp_path):
@@ -173,5 +174,5 @@ def test_loop_evaluates_saves_and_resumes_the_ema_exactly(tmp_path):
       np.testing.assert_array_equal(a, b)
   # The same workdir with EMA off is another run: refused, clearly.
   config.ema_decay = 0.0
-  with pytest.raises(errors.ConfigError, match='ema_decay'):
+  with pytest.raises(config_checks.ConfigError, match='ema_decay'):
     trainer.train_and_evaluate(config, str(workdir))

@@ -10,13 +10,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from vit_jax import errors
+from vit_jax import config_checks
 from vit_jax import mixup
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import run_setup
 from vit_jax import steps
-from vit_jax import validation
 
 IMAGE_SHAPE = (8, 8, 3)
 
@@ -160,8 +160,8 @@ def test_bad_values_are_rejected_before_compile(overrides, message):
   config = common.get_config()
   config.total_steps = 1000
   config.mixup.update(overrides)
-  with pytest.raises(errors.ConfigError, match=message):
-    validation.check_config(config)
+  with pytest.raises(config_checks.ConfigError, match=message):
+    run_setup.check_config(config)
 
 
 # ------------------------------------------------------------------ train step

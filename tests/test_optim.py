@@ -10,6 +10,7 @@ import pytest
 
 from configs import common
 from vit_jax import optim
+from vit_jax import param_rules
 
 
 def _config(**overrides):
@@ -69,22 +70,9 @@ def test_rsqrt_with_and_without_warmup():
 
 def test_schedule_errors():
   with pytest.raises(ValueError, match='cosine.*linear.*rsqrt.*constant'):
-    optim.make_schedule(_config(**{'lr.schedule': 'cosin'}), 100)
+    optim.check_config(_config(**{'lr.schedule': 'cosin'}))
   with pytest.raises(ValueError, match='warmup_steps'):
     optim.make_schedule(_config(**{'lr.warmup_steps': 101}), 100)
-
-
-# ------------------------------------------------------------------ regex mask
-def test_regex_mask_fullmatch():
-  params = {'head': {'kernel': 1, 'bias': 2}, 'prehead': {'kernel': 3}, 'kernel': 4}
-  assert optim.regex_mask(params, '.*/kernel') == {
-      'head': {'kernel': True, 'bias': False}, 'prehead': {'kernel': True},
-      'kernel': False}
-  # fullmatch: 'head/.*' does not catch 'prehead/kernel'.
-  assert optim.regex_mask(params, 'head/.*')['prehead'] == {'kernel': False}
-  assert optim.regex_mask(params, 'kernel')['kernel'] is True
-  assert not any(jax.tree_util.tree_leaves(optim.regex_mask(params, '')))
-  assert optim.tree_paths({'a': [{'b': 0}]}) == {'a': [{'b': 'a/0/b'}]}
 
 
 # ------------------------------------------------------------------ optimizer
@@ -104,7 +92,7 @@ def _step(tx, params, grads, steps=1):
 def test_weight_decay_only_on_masked_params(name):
   config = _config(**{'optim.name': name, 'weight_decay': 0.1, 'lr.base': 0.5,
                       'lr.schedule': 'constant', 'lr.warmup_steps': 0})
-  tx, _ = optim.make_optimizer(config, total_steps=10, params=_params())
+  tx, _ = optim.make_optimizer(config, total_steps=10)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, _params())
   new, _ = _step(tx, _params(), zeros)
   np.testing.assert_array_equal(new['dense']['bias'], 1.0)       # Not decayed.
@@ -130,7 +118,7 @@ def test_adam_vs_adamw_weight_decay():
 def test_wd_mask_matching_nothing_is_an_error():
   config = _config(weight_decay=0.1, wd_mask='.*/kernal')
   with pytest.raises(ValueError, match='matches no parameter'):
-    optim.make_optimizer(config, 10, params=_params())
+    param_rules.check_rules_select(config, _params())
 
 
 def test_clipping_bounds_the_update():
@@ -182,8 +170,8 @@ def test_adam_first_moment_dtype():
 
 
 def test_unknown_optimizer():
-  with pytest.raises(ValueError, match='sgd, adam, adamw'):
-    optim.make_optimizer(_config(**{'optim.name': 'lamb'}), 10)
+  with pytest.raises(ValueError, match=r"'lamb' not in \('sgd', 'adam', 'adamw'\)"):
+    optim.check_config(_config(**{'optim.name': 'lamb'}))
 
 
 # ------------------------------------------------------------------ loss

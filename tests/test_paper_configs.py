@@ -17,10 +17,10 @@ from configs import vit_paper
 from test_train import tiny_config
 from vit_jax import checkpoint
 from vit_jax import data
+from vit_jax import evaluation
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import trainer
-from vit_jax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet2012': 1000,
@@ -132,7 +132,7 @@ def test_runs_a_few_steps_on_mock_data(spec, tiny_pretrained, tmp_path):
   config.pretrained_path = tiny_pretrained
   with tfds.testing.mock_data(num_examples=16):
     final = trainer.train_and_evaluate(config, str(tmp_path / 'w'))
-  split = validation.split_name(config.eval_splits)
+  split = evaluation.split_name(config.eval_splits)
   assert final[f'eval_{split}_count'] == 16
   losses = [r['train_loss'] for r in metrics.read_metrics(str(tmp_path / 'w'))
             if 'train_loss' in r]

@@ -47,6 +47,18 @@ def _updates(tx, params, grads, steps=1):
 
 
 # ------------------------------------------------------------------ mechanism
+def test_regex_mask_fullmatch():
+  params = {'head': {'kernel': 1, 'bias': 2}, 'prehead': {'kernel': 3}, 'kernel': 4}
+  assert param_rules.regex_mask(params, '.*/kernel') == {
+      'head': {'kernel': True, 'bias': False}, 'prehead': {'kernel': True},
+      'kernel': False}
+  # fullmatch: 'head/.*' does not catch 'prehead/kernel'.
+  assert param_rules.regex_mask(params, 'head/.*')['prehead'] == {'kernel': False}
+  assert param_rules.regex_mask(params, 'kernel')['kernel'] is True
+  assert not any(jax.tree_util.tree_leaves(param_rules.regex_mask(params, '')))
+  assert param_rules.tree_paths({'a': [{'b': 0}]}) == {'a': [{'b': 'a/0/b'}]}
+
+
 def test_match_rules_first_match_wins():
   params = {'head': {'kernel': 0, 'bias': 0}, 'embedding': {'kernel': 0}}
   rules = (('head/bias', 'a'), ('head/.*', 'b'), ('.*/kernel', 'c'))
@@ -91,7 +103,7 @@ def test_frozen_params_do_not_change(name):
   config = _config(frozen='embedding/.*|Transformer/encoderblock_0/.*',
                    weight_decay=0.1, **{'optim': dict(name=name)})
   params = _ones()
-  tx, _ = optim.make_optimizer(config, 10, params=params)
+  tx, _ = optim.make_optimizer(config, 10)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
   _, new, state = _updates(tx, params, grads, steps=3)
   old, new = _flat(params), _flat(new)
@@ -130,7 +142,7 @@ def test_lr_multiplier_scales_the_update_exactly(name, steps, wd):
   ruled = _config(weight_decay=wd, lr_mults=(('head/.*', 10.0), ('.*/bias', 0.25)),
                   **{'optim': dict(name=name)})
   want, _, _ = _updates(optim.make_optimizer(base, 10)[0], params, grads, steps)
-  got, _, _ = _updates(optim.make_optimizer(ruled, 10, params=params)[0], params,
+  got, _, _ = _updates(optim.make_optimizer(ruled, 10)[0], params,
                        grads, steps)
   want, got = _flat(want), _flat(got)
   for key in want:
@@ -174,7 +186,7 @@ def test_layer_decay_in_the_optimizer():
 ])
 def test_malformed_rules_are_errors_without_params(overrides, message):
   with pytest.raises(ValueError, match=message):
-    optim.make_optimizer(_config(**overrides), 10)
+    optim.check_config(_config(**overrides))
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -187,13 +199,13 @@ def test_malformed_rules_are_errors_without_params(overrides, message):
 ])
 def test_rules_that_select_nothing_are_named(overrides, message):
   with pytest.raises(ValueError, match=message):
-    param_rules.check_param_rules(_config(**overrides), _shapes())
+    param_rules.check_rules_select(_config(**overrides), _shapes())
 
 
 def test_layer_decay_needs_numbered_blocks():
   with pytest.raises(ValueError, match='layer_decay needs numbered blocks'):
-    param_rules.check_param_rules(_config(layer_decay=0.9),
-                                  {'dense': {'kernel': jnp.ones(2)}})
+    param_rules.check_rules_select(_config(layer_decay=0.9),
+                                   {'dense': {'kernel': jnp.ones(2)}})
 
 
 def test_describe_lists_frozen_and_factors():

@@ -16,11 +16,12 @@ from configs import fashion_mnist_long
 from configs import vit_s16_i1k
 from test_paper_configs import parse
 from test_paper_configs import SHRINK
+from vit_jax import evaluation
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import param_rules
+from vit_jax import run_setup
 from vit_jax import trainer
-from vit_jax import validation
 from vit_jax.models import vit
 
 
@@ -41,7 +42,7 @@ def test_plain_vit_baseline(epochs):
   assert (config.pp.train_crop, config.pp.randaugment_layers,
           config.pp.randaugment_magnitude) == ('inception', 2, 10)
   assert (config.mixup.mixup_alpha, config.mixup.cutmix_alpha) == (0.2, 0.0)
-  validation.check_config(config)
+  run_setup.check_config(config)
 
 
 def test_augreg_levels_and_arguments():
@@ -55,7 +56,7 @@ def test_augreg_levels_and_arguments():
     assert (config.pp.randaugment_layers, config.mixup.mixup_alpha) == (layers, alpha)
     if aug in magnitudes:
       assert config.pp.randaugment_magnitude == magnitudes[aug]
-    validation.check_config(config)
+    run_setup.check_config(config)
   config = parse('augreg.py:variant=L/16,aug=strong1,wd=0.03,do=0.1,sd=0.1,data=i1k')
   assert (config.model.name, config.model.dropout_rate,
           config.model.stochastic_depth) == ('ViT-L_16', 0.1, 0.1)
@@ -83,7 +84,7 @@ def test_deit_s():
                                     switch_prob=0.5)
   assert (config.pp.randaugment_layers, config.pp.randaugment_magnitude,
           config.pp.random_erase_prob) == (2, 9, 0.25)
-  validation.check_config(config)
+  run_setup.check_config(config)
 
 
 def test_paper_numbers_are_in_the_docstrings():
@@ -103,7 +104,7 @@ def test_fashion_mnist_long_trains_its_own_model_offline(tmp_path):
   assert config.model.conv_stem_depth == 2
   assert (config.pp.train_crop, config.pp.crop_padding, config.ema_decay) == (
       'pad', 2, 0.999)
-  validation.check_config(config)
+  run_setup.check_config(config)
   config.update(dict(batch_size=16, eval_batch_size=16, total_steps=3,
                      log_every=1, eval_every=3, checkpoint_every=3,
                      write_plot=False, eval_splits='test[:32]'))
@@ -111,7 +112,7 @@ def test_fashion_mnist_long_trains_its_own_model_offline(tmp_path):
   config.lr.warmup_steps = 1
   workdir = str(tmp_path / 'w')
   final = trainer.train_and_evaluate(config, workdir)
-  split = validation.split_name(config.eval_splits)
+  split = evaluation.split_name(config.eval_splits)
   assert final[f'eval_{split}_count'] == 32
   assert np.isfinite(final[f'eval_{split}_top1'])
   assert np.isfinite(final[f'eval_{split}_ema_top1'])
@@ -135,7 +136,7 @@ def test_runs_a_few_steps_on_mock_data(spec, tmp_path):
   losses = [r['train_loss'] for r in metrics.read_metrics(workdir)
             if 'train_loss' in r]
   assert len(losses) == 3 and np.all(np.isfinite(losses))
-  split = validation.split_name(config.eval_splits.split(',')[-1])
+  split = evaluation.split_name(config.eval_splits.split(',')[-1])
   assert np.isfinite(final[f'eval_{split}_top1'])
   has_ema = config.ema_decay > 0
   assert (f'eval_{split}_ema_top1' in final) == has_ema

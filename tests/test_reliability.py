@@ -32,7 +32,7 @@ from tiny import tiny_config
 
 from vit_jax import checkpoint
 from vit_jax import data
-from vit_jax import errors
+from vit_jax import config_checks
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
@@ -40,7 +40,6 @@ from vit_jax import parallel
 from vit_jax import sharding
 from vit_jax import steps
 from vit_jax import trainer
-from vit_jax import validation
 from vit_jax.checkpoint import orbax_state
 
 import train_with_faults
@@ -278,7 +277,7 @@ def _restore_latest(config, workdir):
   with orbax_state.make_manager(str(workdir)) as manager:
     state, _ = orbax_state.restore_latest(
         manager, abstract, workdir=str(workdir),
-        check_meta=lambda meta: validation.check_resume_meta(meta, config))
+        check_meta=lambda meta: orbax_state.check_resume_meta(meta, config))
     return int(state.step), manager.all_steps()
 
 
@@ -330,7 +329,7 @@ def test_changed_model_is_refused_not_taken_for_damage(finished, data_dir, tmp_p
   workdir = tmp_path / 'work'
   shutil.copytree(finished, workdir)
   config = _config(data_dir, model={'num_layers': 2})
-  with pytest.raises(errors.ConfigError,
+  with pytest.raises(config_checks.ConfigError,
                      match=r'(?s)another model or optimizer .*encoderblock_1'):
     trainer.train_and_evaluate(config, str(workdir))
   assert _steps(workdir) == [4, 8]

@@ -13,11 +13,11 @@ import pytest
 from configs import common
 from tiny import tiny_config
 from vit_jax import checkpoint
-from vit_jax import errors
+from vit_jax import config_checks
 from vit_jax import models
 from vit_jax import optim
+from vit_jax import run_setup
 from vit_jax import steps
-from vit_jax import validation
 from vit_jax.checkpoint import layouts
 from vit_jax.models.vit import REMAT_POLICIES
 
@@ -270,11 +270,11 @@ def test_bad_remat_policy_is_refused_before_compile(tmp_path):
     models.create_model('ViT-test_4', 10, remat_policy='bogus')
   config = tiny_config(tmp_path)
   config.model.remat_policy = 'checkpoint_everything'
-  with pytest.raises(errors.ConfigError, match='remat_policy'):
-    validation.check_config(config)
+  with pytest.raises(config_checks.ConfigError, match='remat_policy'):
+    run_setup.check_config(config)
   config.model.remat_policy = 'dots_saveable'
   config.model.scan_layers = True
-  validation.check_config(config)  # Valid settings pass.
+  run_setup.check_config(config)  # Valid settings pass.
   model = models.create_model(config.model, 10)
   assert model.scan_layers and model.remat_policy == 'dots_saveable'
   with pytest.raises(TypeError):

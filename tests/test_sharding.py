@@ -15,15 +15,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import checkpoint
-from vit_jax import errors
+from vit_jax import config_checks
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import run_setup
 from vit_jax import sharding
 from vit_jax import steps
 from vit_jax import trainer
-from vit_jax import validation
 from vit_jax.checkpoint import orbax_state
 
 from tiny import step_config
@@ -162,17 +162,18 @@ def _abstract_params(**model_overrides):
 ])
 def test_bad_rules_are_refused(overrides, model_size, message):
   with pytest.raises(ValueError, match=message):
-    sharding.check_sharding(_config(**overrides), _abstract_params(),
-                            parallel.make_mesh(model=model_size))
+    sharding.check_rules_select(_config(**overrides), _abstract_params(),
+                                parallel.make_mesh(model=model_size))
 
 
 def test_model_axis_must_divide_mlp_dim():
   params = _abstract_params(num_heads=4, mlp_dim=34)
-  sharding.check_sharding(_config(sharding='model'), params, parallel.make_mesh(model=2))
+  sharding.check_rules_select(_config(sharding='model'), params,
+                              parallel.make_mesh(model=2))
   with pytest.raises(ValueError, match='model=4 does not divide mlp_dim=34 of '
                      'Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias'):
-    sharding.check_sharding(_config(sharding='model'), params,
-                            parallel.make_mesh(model=4))
+    sharding.check_rules_select(_config(sharding='model'), params,
+                                parallel.make_mesh(model=4))
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -184,8 +185,8 @@ def test_model_axis_must_divide_mlp_dim():
 def test_config_errors_before_compiling(overrides, message):
   config = _config(total_steps=10)
   config.update(overrides)
-  with pytest.raises(errors.ConfigError, match=message):
-    validation.check_config(config)
+  with pytest.raises(config_checks.ConfigError, match=message):
+    run_setup.check_config(config)
 
 
 def test_mesh_must_use_every_device():

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import errors
+from vit_jax import config_checks
 from vit_jax import metrics
 from vit_jax import trainer
-from vit_jax import validation
+from vit_jax import workdir as workdir_lib
 
 from tiny import quickstart_on_digits
 from tiny import tiny_config
@@ -92,7 +92,7 @@ def test_resume_refuses_a_different_run(finished_run, data_dir, tmp_path):
   workdir, _ = finished_run
   other = str(tmp_path / 'other')
   shutil.copytree(workdir, other)
-  with pytest.raises(errors.ConfigError, match='batch_size: checkpoint 32 vs config 64'):
+  with pytest.raises(config_checks.ConfigError, match='batch_size: checkpoint 32 vs config 64'):
     trainer.train_and_evaluate(tiny_config(data_dir, batch_size=64), other)
 
 
@@ -122,12 +122,12 @@ def test_bad_input_fails_before_compiling(data_dir, tmp_path, overrides, message
 
 
 def test_workdir_errors(tmp_path):
-  with pytest.raises(errors.ConfigError, match='parent directory .* does not exist'):
-    validation.prepare_workdir(str(tmp_path / 'missing' / 'run'))
+  with pytest.raises(config_checks.ConfigError, match='parent directory .* does not exist'):
+    workdir_lib.prepare_workdir(str(tmp_path / 'missing' / 'run'))
   blocked = tmp_path / 'file'
   blocked.write_text('x')
-  with pytest.raises(errors.ConfigError, match='not a directory'):
-    validation.prepare_workdir(str(blocked))
+  with pytest.raises(config_checks.ConfigError, match='not a directory'):
+    workdir_lib.prepare_workdir(str(blocked))
 
 
 def _run_train_py(*args):

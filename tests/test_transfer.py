@@ -17,7 +17,7 @@ from configs.transfer import digits_finetune
 from configs.transfer import digits_scratch
 from configs.transfer import fashion_mnist_pretrain
 from vit_jax import checkpoint
-from vit_jax import errors
+from vit_jax import config_checks
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import trainer
@@ -189,7 +189,7 @@ def test_another_architecture_lists_the_tensors(tiny_pretrained, tmp_path, model
 
 
 @pytest.mark.parametrize('make_path,error,message', [
-    (lambda tmp: str(tmp / 'missing.npz'), errors.ConfigError, 'does not exist'),
+    (lambda tmp: str(tmp / 'missing.npz'), config_checks.ConfigError, 'does not exist'),
     (lambda tmp: str(tmp), FileNotFoundError, 'is a directory without checkpoints/'),
 ])
 def test_bad_pretrained_path_fails_before_training(tiny_pretrained, tmp_path,

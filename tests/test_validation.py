@@ -22,7 +22,7 @@ from vit_jax import steps
 from vit_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_ERRORS = (ValueError, FileNotFoundError)  # errors.ConfigError is a ValueError.
+_ERRORS = (ValueError, FileNotFoundError)  # config_checks.ConfigError is a ValueError.
 
 
 @pytest.fixture(scope='module')

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import optim
+from vit_jax.config_checks import is_number
+from vit_jax.config_checks import require
 
 # fold_in tag of the mixing key within a step's key (the dropout keys use the
 # micro-batch index, small numbers).
@@ -37,18 +39,16 @@ _MIX_STREAM = 0x6D6978
 
 
 def check_mixup(mixup: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the bad `config.mixup` key."""
+  """Raises ConfigError naming the bad `config.mixup` key."""
   for key in ('mixup_alpha', 'cutmix_alpha', 'prob', 'switch_prob'):
-    value = mixup[key]
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-      raise ValueError(f'config.mixup.{key} must be a number, got {value!r}')
+    require(is_number(mixup[key]),
+            f'config.mixup.{key} must be a number, got {mixup[key]!r}')
   for key in ('mixup_alpha', 'cutmix_alpha'):
-    if mixup[key] < 0:
-      raise ValueError(f'config.mixup.{key} must be >= 0 (0 disables), got '
-                       f'{mixup[key]}')
+    require(mixup[key] >= 0, f'config.mixup.{key} must be >= 0 (0 disables), '
+            f'got {mixup[key]}')
   for key in ('prob', 'switch_prob'):
-    if not 0 <= mixup[key] <= 1:
-      raise ValueError(f'config.mixup.{key} must be in [0, 1], got {mixup[key]}')
+    require(0 <= mixup[key] <= 1,
+            f'config.mixup.{key} must be in [0, 1], got {mixup[key]}')
 
 
 def is_enabled(mixup: Optional[Mapping[str, Any]]) -> bool:

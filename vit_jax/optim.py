@@ -2,10 +2,11 @@
 
 Everything here is a pure function of the config (or of arrays), so the trainer can
 build the optimizer once and call the loss and accumulation helpers inside `jit`.
+`check_config` is the one check of the keys the optimizer and schedule read;
+the builders take a config that passed it.
 
 Which parameters weight decay, freezing and lr multipliers apply to is data: regexes
-over parameter paths, see vit_jax.param_rules (`regex_mask` and `tree_paths` are
-re-exported here).
+over parameter paths, see vit_jax.param_rules.
 """
 
 from __future__ import annotations
@@ -18,17 +19,77 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vit_jax.param_rules import check_param_rules
+from vit_jax import config_checks
+from vit_jax import param_rules
+from vit_jax.config_checks import require
 from vit_jax.param_rules import regex_mask
 from vit_jax.param_rules import scale_by_lr_multipliers
-from vit_jax.param_rules import tree_paths  # noqa: F401  (re-export)
 
 PyTree = Any
 
-SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
-OPTIMIZERS = ('sgd', 'adam', 'adamw')
+# The decay after warmup, as a function of (base, end, frac = fraction of the
+# decay done, after = steps since warmup, tau = rsqrt timescale).
+_DECAYS = {
+    'cosine': lambda base, end, frac, after, tau: (
+        end + (base - end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))),
+    'linear': lambda base, end, frac, after, tau: base + (end - base) * frac,
+    'rsqrt': lambda base, end, frac, after, tau: (
+        base * jnp.sqrt(tau / (jnp.maximum(after, 0.0) + tau))),
+    'constant': lambda base, end, frac, after, tau: jnp.full_like(frac, base),
+}
+SCHEDULES = tuple(_DECAYS)
+
+
+def _sgd(opt: ml_collections.ConfigDict, acc_dtype: Any) -> list[Any]:
+  if not opt.momentum:
+    return []
+  return [optax.trace(decay=opt.momentum, nesterov=opt.nesterov,
+                      accumulator_dtype=acc_dtype)]
+
+
+def _adam(opt: ml_collections.ConfigDict, acc_dtype: Any) -> list[Any]:
+  return [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                              mu_dtype=acc_dtype)]
+
+
+# `optim.name` -> the transformations that turn gradients into a direction
+# (adam and adamw differ only in where the weight decay goes).
+_UPDATE_DIRECTIONS = {'sgd': _sgd, 'adam': _adam, 'adamw': _adam}
+OPTIMIZERS = tuple(_UPDATE_DIRECTIONS)
 # rsqrt decay timescale when there is no warmup to take it from (config.lr.timescale).
 DEFAULT_RSQRT_TIMESCALE = 10_000
+
+
+# --------------------------------------------------------------------------------
+# The check of the keys read here.
+# --------------------------------------------------------------------------------
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad optimizer or schedule setting.
+
+  Covers `optim.*`, `lr.*`, `grad_clip_norm`, `weight_decay` and the syntax of
+  the parameter rules (which parameters they select is checked against the
+  model's params, vit_jax.param_rules.check_rules_select). Whether the warmup
+  fits the run is checked by `make_schedule`, the first place that knows the
+  run's length when it is given in epochs.
+  """
+  opt, lr = config.optim, config.lr
+  config_checks.one_of(opt.name, OPTIMIZERS, 'optim.name')
+  config_checks.one_of(lr.schedule, SCHEDULES, 'lr.schedule')
+  for key in ('base', 'warmup_steps'):
+    config_checks.number(lr[key], f'lr.{key}')
+  for key in ('grad_clip_norm', 'weight_decay'):
+    config_checks.number(config[key], key)
+  config_checks.finite_positive(lr.base, 'lr.base')
+  require(lr.warmup_steps >= 0,
+          f'config.lr.warmup_steps must be >= 0, got {lr.warmup_steps}')
+  require(config.grad_clip_norm >= 0,
+          'config.grad_clip_norm must be >= 0 (0 disables), got '
+          f'{config.grad_clip_norm}')
+  require(config.weight_decay >= 0,
+          f'config.weight_decay must be >= 0, got {config.weight_decay}')
+  require(not (opt.name == 'sgd' and opt.nesterov and not opt.momentum),
+          'config.optim.nesterov needs config.optim.momentum > 0')
+  param_rules.check_rule_syntax(config)
 
 
 # --------------------------------------------------------------------------------
@@ -46,17 +107,16 @@ def make_schedule(config: ml_collections.ConfigDict,
               (the Transformer's base * sqrt(warmup / step)), else lr.timescale.
     constant: base.
   Steps past total_steps keep the end value.
+
+  Raises:
+    ConfigError: the warmup is longer than the run (`total_steps`, given or
+      derived from `total_epochs`).
   """
   lr = config.lr
-  name, base = lr.schedule, float(lr.base)
+  decay, base = _DECAYS[lr.schedule], float(lr.base)
   warmup, end = int(lr.warmup_steps), float(lr.end_value)
-  if name not in SCHEDULES:
-    raise ValueError(f'Unknown lr schedule {name!r}; valid: {", ".join(SCHEDULES)}.')
-  if total_steps <= 0:
-    raise ValueError(f'total_steps must be positive, got {total_steps}.')
-  if warmup < 0 or warmup > total_steps:
-    raise ValueError(f'lr.warmup_steps ({warmup}) must be in [0, total_steps '
-                     f'({total_steps})].')
+  require(warmup <= total_steps, f'config.lr.warmup_steps {warmup} exceeds '
+          f'config.total_steps {total_steps} (the length of the run)')
   decay_steps = max(total_steps - warmup, 1)
   tau = float(warmup or lr.get('timescale', DEFAULT_RSQRT_TIMESCALE))
 
@@ -64,14 +124,7 @@ def make_schedule(config: ml_collections.ConfigDict,
     step = jnp.asarray(step, jnp.float32)
     after = step - warmup  # Steps since warmup ended.
     frac = jnp.clip(after / decay_steps, 0.0, 1.0)
-    if name == 'cosine':
-      value = end + (base - end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
-    elif name == 'linear':
-      value = base + (end - base) * frac
-    elif name == 'rsqrt':
-      value = base * jnp.sqrt(tau / (jnp.maximum(after, 0.0) + tau))
-    else:
-      value = jnp.full_like(step, base)
+    value = decay(base, end, frac, after, tau)
     if warmup:
       value = jnp.where(step < warmup, base * step / warmup, value)
     return value
@@ -85,7 +138,6 @@ def make_schedule(config: ml_collections.ConfigDict,
 def make_optimizer(
     config: ml_collections.ConfigDict,
     total_steps: int,
-    params: PyTree | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer chain and returns it with its lr schedule.
 
@@ -94,7 +146,7 @@ def make_optimizer(
   -schedule(step) -> per-parameter lr factors. The trainer logs `learning_rate`
   as `schedule(step)`, the base rate before the factors.
 
-  Parameter rules (regexes over '/'-joined paths, see `check_param_rules`):
+  Parameter rules (regexes over '/'-joined paths, see vit_jax.param_rules):
     frozen: matching params get zero updates. They are split off before the
       chain (optax.multi_transform), so they hold no optimizer state, take no
       weight decay and do not count in the clipping norm.
@@ -112,22 +164,14 @@ def make_optimizer(
   first moment ('bfloat16' halves their memory); the second moment stays float32.
 
   Args:
-    config: the training config (see configs/common.py).
+    config: the training config (see configs/common.py), checked by
+      `check_config`.
     total_steps: length of the run, for the schedule.
-    params: optional params tree (arrays or ShapeDtypeStructs); if given, a rule
-      that selects no parameter (wd_mask while weight_decay > 0, frozen,
-      lr_mults) is reported as an error instead of silently ignored.
   """
   opt = config.optim
-  if opt.name not in OPTIMIZERS:
-    raise ValueError(f'Unknown optimizer {opt.name!r}; valid: {", ".join(OPTIMIZERS)}.')
+  direction = _UPDATE_DIRECTIONS[opt.name]
   clip, wd = float(config.grad_clip_norm), float(config.weight_decay)
-  if clip < 0:
-    raise ValueError(f'grad_clip_norm must be >= 0 (0 disables), got {clip}.')
-  if wd < 0:
-    raise ValueError(f'weight_decay must be >= 0, got {wd}.')
   acc_dtype = jnp.dtype(opt.accumulator_dtype)
-  check_param_rules(config, params)
 
   schedule = make_schedule(config, total_steps)
   decay = optax.add_decayed_weights(
@@ -136,18 +180,10 @@ def make_optimizer(
   chain = []
   if clip > 0:
     chain.append(optax.clip_by_global_norm(clip))
-  if opt.name == 'sgd':
-    if opt.nesterov and not opt.momentum:
-      raise ValueError('optim.nesterov needs optim.momentum > 0.')
-    if opt.momentum:
-      chain.append(optax.trace(decay=opt.momentum, nesterov=opt.nesterov,
-                               accumulator_dtype=acc_dtype))
-  else:
-    if opt.name == 'adam' and decay is not None:
-      chain.append(decay)  # Coupled L2: before the moments.
-      decay = None
-    chain.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                     mu_dtype=acc_dtype))
+  if opt.name == 'adam' and decay is not None:
+    chain.append(decay)  # Coupled L2: before the moments.
+    decay = None
+  chain += direction(opt, acc_dtype)
   if decay is not None:
     chain.append(decay)  # Decoupled: after the update direction, scaled by lr.
   chain.append(optax.scale_by_learning_rate(schedule))

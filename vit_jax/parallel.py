@@ -24,11 +24,31 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vit_jax.config_checks import is_int
+from vit_jax.config_checks import require
+
 # The mesh's axis names: batches (and FSDP shards) over `data`, tensor
 # parallelism over `model`. Everything else names them through these.
 DATA_AXIS = 'data'
 MODEL_AXIS = 'model'
 PARALLELISMS = ('jit', 'shard_map')
+
+
+def check_config(config: Any) -> None:
+  """Raises ConfigError for mesh keys that cannot describe a mesh.
+
+  `mesh.data` (-1 or > 0), `mesh.model` (> 0) and `cpu_devices` (>= 0).
+  Whether they fit the devices JAX has is `make_mesh`'s check.
+  """
+  for key in ('data', 'model'):
+    value = config.mesh[key]
+    require(is_int(value) and (value > 0 or (key == 'data' and value == -1)),
+            f'config.mesh.{key} must be a positive integer'
+            f'{" or -1 (all remaining devices)" if key == "data" else ""}'
+            f', got {value!r}')
+  require(is_int(config.cpu_devices) and config.cpu_devices >= 0,
+          f'config.cpu_devices must be an integer >= 0, got '
+          f'{config.cpu_devices!r}')
 
 
 def use_cpu_devices(count: int) -> bool:

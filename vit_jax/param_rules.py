@@ -12,7 +12,8 @@ big_vision style, instead of being a special case in the optimizer:
 
 Config keys (configs/common.py): `wd_mask`, `frozen`, `lr_mults`, `layer_decay`;
 vit_jax.optim.make_optimizer turns them into optax transformations.
-`check_param_rules` refuses a rule that is malformed or selects nothing before
+`check_rule_syntax` refuses a malformed rule at start-up, `check_rules_select`
+one that selects nothing once the model's params are known; both before
 anything is compiled.
 """
 
@@ -27,6 +28,9 @@ import jax
 import ml_collections
 import optax
 
+from vit_jax.config_checks import ConfigError
+from vit_jax.config_checks import is_number
+from vit_jax.config_checks import require
 from vit_jax.metrics import summarize_names
 
 PyTree = Any
@@ -143,61 +147,63 @@ def scale_by_lr_multipliers(lr_mults: Sequence[tuple[str, float]] = (),
 
 
 def _compile(key: str, pattern: Any) -> re.Pattern:
-  if not isinstance(pattern, str):
-    raise ValueError(f'config.{key} must be a regex string, got {pattern!r}.')
+  require(isinstance(pattern, str),
+          f'config.{key} must be a regex string, got {pattern!r}.')
   try:
     return re.compile(pattern)
   except re.error as e:
-    raise ValueError(f'config.{key} {pattern!r} is not a regex: {e}.') from None
+    raise ConfigError(f'config.{key} {pattern!r} is not a regex: {e}.') from None
 
 
-def check_param_rules(config: ml_collections.ConfigDict,
-                      params: PyTree | None = None) -> None:
-  """Raises ValueError naming a parameter rule that cannot do what it says.
+def check_rule_syntax(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming a parameter rule that is malformed.
 
-  Without `params` only the syntax is checked (regexes compile, multipliers are
-  numbers >= 0, 0 < layer_decay <= 1). With the model's (abstract) params it
-  also refuses rules that select nothing: a typo in a regex would otherwise
-  train the whole run without the rule.
+  Regexes must compile, multipliers be numbers >= 0, 0 < layer_decay <= 1.
+  Which parameters the rules select needs the model: `check_rules_select`.
   """
   for key in ('wd_mask', 'frozen'):
     _compile(key, config[key])
   for i, rule in enumerate(config.lr_mults):
-    if (not isinstance(rule, (tuple, list)) or len(rule) != 2
-        or isinstance(rule[1], bool) or not isinstance(rule[1], (int, float))
-        or not 0 <= rule[1] < math.inf):
-      raise ValueError(f'config.lr_mults[{i}] must be a (regex, multiplier >= 0) '
-                       f'pair, got {rule!r}.')
+    require(isinstance(rule, (tuple, list)) and len(rule) == 2
+            and is_number(rule[1]) and 0 <= rule[1] < math.inf,
+            f'config.lr_mults[{i}] must be a (regex, multiplier >= 0) pair, '
+            f'got {rule!r}.')
     _compile(f'lr_mults[{i}]', rule[0])
   decay = config.layer_decay
-  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-    raise ValueError(f'config.layer_decay must be in (0, 1] (1 disables), got {decay!r}.')
-  if params is None:
-    return
+  require(is_number(decay) and 0 < decay <= 1,
+          f'config.layer_decay must be in (0, 1] (1 disables), got {decay!r}.')
 
+
+def check_rules_select(config: ml_collections.ConfigDict, params: PyTree) -> None:
+  """Raises ConfigError for a rule that selects nothing in the model's params.
+
+  `params` are the model's (abstract) params; the rules passed
+  `check_rule_syntax`. A typo in a regex would otherwise train the whole run
+  without the rule.
+  """
   names = jax.tree_util.tree_leaves(tree_paths(params))
   hint = f'parameter names look like {names[:3]}'
-  selects = lambda pattern: any(_compile('', pattern).fullmatch(n) for n in names)
+  selects = lambda pattern: any(re.fullmatch(pattern, n) for n in names)
   if config.weight_decay > 0 and not selects(config.wd_mask):
-    raise ValueError(f'config.wd_mask {config.wd_mask!r} matches no parameter; {hint}.')
+    raise ConfigError(f'config.wd_mask {config.wd_mask!r} matches no parameter; {hint}.')
   if config.frozen:
     frozen = [n for n in names if re.fullmatch(config.frozen, n)]
     if not frozen:
-      raise ValueError(f'config.frozen {config.frozen!r} matches no parameter; {hint}.')
+      raise ConfigError(f'config.frozen {config.frozen!r} matches no parameter; {hint}.')
     if len(frozen) == len(names):
-      raise ValueError(f'config.frozen {config.frozen!r} matches every parameter: '
-                       'nothing would train.')
+      raise ConfigError(f'config.frozen {config.frozen!r} matches every parameter: '
+                        'nothing would train.')
   winners = jax.tree_util.tree_leaves(match_rules(
       params, [(p, i) for i, (p, _) in enumerate(config.lr_mults)], -1))
   for i, (pattern, _) in enumerate(config.lr_mults):
     if i not in winners:
       why = ('every parameter it matches is taken by an earlier rule'
              if selects(pattern) else f'it matches no parameter; {hint}')
-      raise ValueError(f'config.lr_mults[{i}] {pattern!r} applies to no parameter: '
-                       f'{why}.')
-  if decay != 1 and layer_ids(params)[1] == 1:
-    raise ValueError('config.layer_decay needs numbered blocks '
-                     '(Transformer/encoderblock_i or MixerBlock_i); the model has none.')
+      raise ConfigError(f'config.lr_mults[{i}] {pattern!r} applies to no parameter: '
+                        f'{why}.')
+  if config.layer_decay != 1 and layer_ids(params)[1] == 1:
+    raise ConfigError('config.layer_decay needs numbered blocks '
+                      '(Transformer/encoderblock_i or MixerBlock_i); the model has none.')
 
 
 def describe_param_rules(config: ml_collections.ConfigDict, params: PyTree) -> str:

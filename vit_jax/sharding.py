@@ -24,10 +24,11 @@ layer axis from nn.scan) are split on the same axes. Optimizer state leaves
 path with its shape (e.g. an EMA copy) follow that parameter; everything else
 (step counters, scalars, rng) is replicated.
 
-`check_sharding` refuses, before anything compiles, a rule that is malformed or
-selects nothing, an unknown strategy, a `model` axis that does not divide the
-heads or mlp_dim of a parameter it splits, and 'shard_map' with anything but
-replicated parameters on a data-only mesh.
+Before anything compiles, `check_config` refuses a malformed rule, an unknown
+strategy and 'shard_map' with anything but replicated parameters on a
+data-only mesh; `check_rules_select` (given the model's params and the mesh) a
+rule that selects nothing and a `model` axis that does not divide the heads or
+mlp_dim of a parameter it splits.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import param_rules
+from vit_jax.config_checks import ConfigError
+from vit_jax.config_checks import is_int
+from vit_jax.config_checks import require
 from vit_jax.metrics import summarize_names
 from vit_jax.parallel import DATA_AXIS
 from vit_jax.parallel import MODEL_AXIS
@@ -68,29 +72,29 @@ _MODEL_AXES = tuple((re.compile(pattern), axis, what) for pattern, axis, what in
 
 
 def parse_rules(sharding: Any) -> Rules:
-  """`config.sharding` -> ((regex, {strategy, ...}), ...); raises ValueError."""
+  """`config.sharding` -> ((regex, {strategy, ...}), ...); raises ConfigError."""
   if isinstance(sharding, str):
     if sharding not in PRESETS:
-      raise ValueError(f'config.sharding {sharding!r} is not a preset {PRESETS}; '
+      raise ConfigError(f'config.sharding {sharding!r} is not a preset {PRESETS}; '
                        "write rules as (('regex', 'strategy'), ...)")
     sharding = (('.*', sharding),)
   if not isinstance(sharding, (tuple, list)):
-    raise ValueError('config.sharding must be a preset name or a tuple of '
+    raise ConfigError('config.sharding must be a preset name or a tuple of '
                      f'(regex, strategy) rules, got {sharding!r}')
   rules = []
   for i, rule in enumerate(sharding):
     if (not isinstance(rule, (tuple, list)) or len(rule) != 2
         or not all(isinstance(r, str) for r in rule)):
-      raise ValueError(f'config.sharding[{i}] must be a (regex, strategy) pair '
+      raise ConfigError(f'config.sharding[{i}] must be a (regex, strategy) pair '
                        f'of strings, got {rule!r}')
     pattern, strategy = rule
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f'config.sharding[{i}] {pattern!r} is not a regex: {e}') from None
+      raise ConfigError(f'config.sharding[{i}] {pattern!r} is not a regex: {e}') from None
     parts = frozenset(strategy.split('+'))
     if not parts <= set(STRATEGIES) or ('replicate' in parts and len(parts) > 1):
-      raise ValueError(
+      raise ConfigError(
           f'config.sharding[{i}] strategy {strategy!r} is unknown: use one of '
           f'{STRATEGIES} or a combination such as fsdp+model')
     rules.append((pattern, parts - {'replicate'}))
@@ -179,34 +183,29 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any = 'replicate',
   return jax.tree_util.tree_map_with_path(sharding, abstract_state)
 
 
-def check_sharding(config: ml_collections.ConfigDict, params: Any = None,
-                   mesh: Optional[Mesh] = None) -> None:
-  """Raises ValueError naming a sharding setting that cannot work.
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming a sharding setting that cannot work.
 
-  Without `params` and `mesh` only the config is checked (rule syntax, mesh
-  sizes, fsdp_min_size, shard_map compatibility); with them also that every
-  rule decides some parameter and that the `model` axis divides what it splits.
+  Checks what the config alone decides: rule syntax, `fsdp_min_size`, and
+  that 'shard_map' gets replicated parameters on a data-only mesh. What the
+  rules select is checked against the model by `check_rules_select`.
   """
   rules = parse_rules(config.sharding)
-  for key in ('data', 'model'):
-    value = config.mesh[key]
-    if (not isinstance(value, int) or isinstance(value, bool)
-        or not (value > 0 or (key == 'data' and value == -1))):
-      raise ValueError(f'config.mesh.{key} must be a positive integer'
-                       f'{" or -1 (all remaining devices)" if key == "data" else ""}'
-                       f', got {value!r}')
   min_size = config.fsdp_min_size
-  if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
-    raise ValueError(f'config.fsdp_min_size must be an integer >= 0, got {min_size!r}')
-  if config.parallelism == 'shard_map' and (
-      any(parts for _, parts in rules) or config.mesh.model != 1):
-    raise ValueError(
-        "parallelism='shard_map' runs the step on replicated parameters over the "
-        "data axis only: use config.sharding='replicate' and config.mesh.model=1, "
-        "or parallelism='jit' for fsdp/model sharding")
-  if params is None:
-    return
+  require(is_int(min_size) and min_size >= 0,
+          f'config.fsdp_min_size must be an integer >= 0, got {min_size!r}')
+  require(config.parallelism != 'shard_map' or (
+      not any(parts for _, parts in rules) and config.mesh.model == 1),
+          "parallelism='shard_map' runs the step on replicated parameters over "
+          "the data axis only: use config.sharding='replicate' and "
+          "config.mesh.model=1, or parallelism='jit' for fsdp/model sharding")
 
+
+def check_rules_select(config: ml_collections.ConfigDict, params: Any,
+                       mesh: Mesh) -> None:
+  """Raises ConfigError unless every rule decides some parameter of `params`
+  and the mesh's `model` axis divides what it splits."""
+  rules = parse_rules(config.sharding)
   names = jax.tree.leaves(param_rules.tree_paths(params))
   winners = _winners(params, rules)
   for i, (pattern, parts) in enumerate(rules):
@@ -215,21 +214,21 @@ def check_sharding(config: ml_collections.ConfigDict, params: Any = None,
       why = ('every parameter it matches is taken by an earlier rule'
              if any(re.fullmatch(pattern, n) for n in names) else
              f'it matches no parameter; names look like {names[:3]}')
-      raise ValueError(f'config.sharding[{i}] {pattern!r} applies to no '
+      raise ConfigError(f'config.sharding[{i}] {pattern!r} applies to no '
                        f'parameter: {why}')
     if 'model' in parts and not any(_model_axis(n, 3) for n in mine):
-      raise ValueError(
+      raise ConfigError(
           f'config.sharding[{i}] {pattern!r} asks for model (tensor) parallelism '
           'but selects no attention query/key/value/out or MLP Dense_0/Dense_1 '
           f'parameter (it selects {summarize_names(mine)})')
-  model_size = dict(mesh.shape).get(MODEL_AXIS, 1) if mesh is not None else 1
+  model_size = dict(mesh.shape).get(MODEL_AXIS, 1)
   shapes = dict(zip(names, (tuple(x.shape) for x in jax.tree.leaves(params))))
   for name, index in winners.items():
     found = (_model_axis(name, len(shapes[name]))
              if index >= 0 and 'model' in rules[index][1] else None)
     if found and shapes[name][found[0]] % model_size:
       axis, what = found
-      raise ValueError(
+      raise ConfigError(
           f'config.mesh.model={model_size} does not divide {what}='
           f'{shapes[name][axis]} of {name} (shape {shapes[name]}); pick a model '
           f'axis size that divides the model\'s {what}')
@@ -249,5 +248,5 @@ def describe(state_sharding: Any, params: Any) -> str:
 def from_config(config: ml_collections.ConfigDict, abstract_state: Any,
                 mesh: Mesh) -> Any:
   """Checks `config.sharding` against the model and returns the state's shardings."""
-  check_sharding(config, abstract_state.params, mesh)
+  check_rules_select(config, abstract_state.params, mesh)
   return state_shardings(abstract_state, mesh, config.sharding, config.fsdp_min_size)

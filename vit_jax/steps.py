@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax import config_checks
 from vit_jax import mixup as mixup_lib
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax.config_checks import require
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -32,6 +34,27 @@ Metrics = dict[str, jax.Array]
 #   'skip_step': leave params and optimizer state as they were (the step
 #                counter and data position still advance) and count it.
 NAN_POLICIES = ('stop', 'skip_step')
+
+
+def check_config(config: Any) -> None:
+  """Raises ConfigError naming the first bad setting of the train step.
+
+  `label_smoothing`, `accum_steps` (which must divide `batch_size`),
+  `parallelism`, `nan_policy` and `ema_decay`; `mixup` is checked by
+  vit_jax.mixup, the batch against the devices by vit_jax.parallel.
+  """
+  config_checks.positive_int(config.accum_steps, 'accum_steps')
+  require(config.batch_size % config.accum_steps == 0,
+          f'config.accum_steps {config.accum_steps} does not divide '
+          f'config.batch_size {config.batch_size}')
+  config_checks.number(config.label_smoothing, 'label_smoothing')
+  require(0 <= config.label_smoothing < 1,
+          f'config.label_smoothing must be in [0, 1), got {config.label_smoothing}')
+  config_checks.one_of(config.parallelism, parallel.PARALLELISMS, 'parallelism')
+  config_checks.one_of(config.nan_policy, NAN_POLICIES, 'nan_policy')
+  config_checks.number(config.ema_decay, 'ema_decay')
+  require(0 <= config.ema_decay < 1,
+          f'config.ema_decay must be in [0, 1) (0 disables), got {config.ema_decay}')
 
 
 @flax.struct.dataclass
@@ -106,19 +129,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
   once, before accumulation, with a key derived from the step's key; the loss
   then sees soft targets that already carry the label smoothing. `ema_decay` > 0
   updates `state.ema_params` after every applied step (the state must have been
-  created with `ema=True`).
+  created with `ema=True`). The settings are those `check_config` checks.
   """
-  if parallelism not in parallel.PARALLELISMS:
-    raise ValueError(f'parallelism {parallelism!r} not in {parallel.PARALLELISMS}')
-  if nan_policy not in NAN_POLICIES:
-    raise ValueError(f'nan_policy {nan_policy!r} not in {NAN_POLICIES}')
-  if not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f'ema_decay must be in [0, 1) (0 disables), got {ema_decay}')
   per_device = parallelism == 'shard_map'
   skip_nonfinite = nan_policy == 'skip_step'
   use_mixup = mixup_lib.is_enabled(mixup)
-  if use_mixup:
-    mixup_lib.check_mixup(mixup)
   # Mixed targets already carry the smoothing.
   loss_smoothing = 0.0 if use_mixup else label_smoothing
 
@@ -215,3 +230,23 @@ def jit_train_step(config: Any, model: nn.Module, tx: optax.GradientTransformati
   return jax.jit(step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                  out_shardings=(state_sharding, parallel.replicated(mesh)),
                  donate_argnums=0)
+
+
+def check_finite(state: TrainState, nan_policy: str) -> None:
+  """With nan_policy 'stop': raises if any step so far had a NaN/Inf loss or
+  gradient norm, naming the first one.
+
+  The train step records that step in the state on device, so this one scalar
+  read (made where the loop syncs anyway: log, eval and checkpoint steps) sees
+  a bad step between two checks as well. The caller raises it before logging
+  or saving, so no state computed after a bad step reaches a checkpoint.
+  """
+  if nan_policy != 'stop':
+    return
+  bad = int(jax.device_get(state.first_nonfinite_step))
+  if bad:
+    raise FloatingPointError(
+        f'Non-finite loss or gradient norm at step {bad}; stopped without saving '
+        f'any later state (the last good checkpoint is kept). Lower '
+        'config.lr.base, enable config.grad_clip_norm, check the input data, or '
+        "set config.nan_policy='skip_step' to skip such steps.")

@@ -9,7 +9,6 @@ the config, data or workdir is reported before anything is compiled.
 import functools
 import math
 import time
-from typing import Any
 
 from absl import logging
 import jax
@@ -19,6 +18,7 @@ import ml_collections
 
 from vit_jax import checkpoint
 from vit_jax import data
+from vit_jax import evaluation
 from vit_jax import flops
 from vit_jax import metrics
 from vit_jax import models
@@ -26,9 +26,10 @@ from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import param_rules
 from vit_jax import preemption
+from vit_jax import run_setup
 from vit_jax import sharding
 from vit_jax import steps
-from vit_jax import validation
+from vit_jax import workdir as workdir_lib
 from vit_jax.checkpoint import orbax_state
 
 
@@ -37,35 +38,6 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_train: int) -> in
   if config.total_steps is not None:
     return int(config.total_steps)
   return max(1, math.ceil(config.total_epochs * num_train / config.batch_size))
-
-
-def evaluate(eval_step, params: Any, config: ml_collections.ConfigDict,
-             split: str, mesh: jax.sharding.Mesh,
-             ema_params: Any = None) -> dict[str, float]:
-  """Top-1, top-5 and loss over every example of `split` (padding masked out).
-
-  Names are `eval_<split>_top1` etc. With `ema_params`, each batch is read once
-  and scored by both parameter sets; the EMA's names are `eval_<split>_ema_*`.
-  """
-  tagged = {'': params} if ema_params is None else {'': params, '_ema': ema_params}
-  sums = dict.fromkeys(tagged)
-  local_batch = parallel.local_batch_size(config.eval_batch_size)
-  for local in data.eval_iterator(
-      config, split, local_batch_size=local_batch,
-      process_index=jax.process_index(), process_count=jax.process_count()):
-    batch = parallel.to_global_batch(local, mesh)
-    for tag, tree in tagged.items():
-      out = eval_step(tree, batch)
-      sums[tag] = out if sums[tag] is None else jax.tree.map(jnp.add, sums[tag], out)
-  results = {}
-  for tag, tag_sums in jax.device_get(sums).items():
-    count = float(tag_sums['count'])
-    name = validation.split_name(split) + tag
-    results.update({f'eval_{name}_top1': float(tag_sums['top1']) / count,
-                    f'eval_{name}_top5': float(tag_sums['top5']) / count,
-                    f'eval_{name}_loss': float(tag_sums['loss']) / count,
-                    f'eval_{name}_count': count})
-  return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -85,8 +57,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preempted: preemption.PreemptionWatch) -> dict[str, float]:
   # ----------------------------------------------------------------- checks
   # Everything here is cheap: a bad config fails in seconds, not after a compile.
-  validation.check_config(config)
-  workdir = validation.prepare_workdir(workdir)
+  run_setup.check_config(config)
+  workdir = workdir_lib.prepare_workdir(workdir)
   # train.py applied it before JAX started; here it warns if it could not.
   parallel.use_cpu_devices(config.cpu_devices)
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
@@ -110,7 +82,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract_state = jax.eval_shape(init_fn)
   # Rules are regexes over parameter names: check them against the real names
   # now (a rule that selects nothing is an error), before anything compiles.
-  param_rules.check_param_rules(config, abstract_state.params)
+  param_rules.check_rules_select(config, abstract_state.params)
   if config.frozen or config.lr_mults or config.layer_decay != 1:
     logging.info(param_rules.describe_param_rules(config, abstract_state.params))
   # Sharding rules likewise (a rule that selects nothing, a model axis that
@@ -127,7 +99,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # aside with a warning, one of another run is refused.
   restored = orbax_state.restore_latest(
       manager, abstract_state, workdir=workdir,
-      check_meta=lambda meta: validation.check_resume_meta(meta, config))
+      check_meta=lambda meta: orbax_state.check_resume_meta(meta, config))
   if restored is not None:
     state, _ = restored
     logging.info('Resumed from %s at step %d', manager.directory,
@@ -179,15 +151,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config, local_batch_size=parallel.local_batch_size(config.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count(),
       start_step=start_step)
-  meta = validation.resume_meta(config)
+  meta = orbax_state.resume_meta(config)
   final = {}
   preempted_at = None
 
   def evaluate_all(step: int) -> None:
     for split in eval_splits:
       # The EMA is sharded like the params: the same eval_step serves both.
-      result = evaluate(eval_step, state.params, config, split, mesh,
-                        ema_params=state.ema_params)
+      result = evaluation.evaluate(eval_step, state.params, config, split, mesh,
+                                   ema_params=state.ema_params)
       writer.write(step, result)
       final.update(result)
       logging.info('step %d: %s', step, ', '.join(
@@ -197,7 +169,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Before anything computed after a NaN/Inf step is logged, evaluated or
     # saved; a save still in flight holds an earlier, finite state: finish it.
     try:
-      validation.check_finite(state, config.nan_policy)
+      steps.check_finite(state, config.nan_policy)
     except FloatingPointError:
       manager.wait_until_finished()
       raise

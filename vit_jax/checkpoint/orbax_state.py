@@ -38,10 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vit_jax.errors import ConfigError
+from vit_jax.config_checks import ConfigError
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
+# Config values that define the training stream: changing one between a run and
+# its resume would silently produce a different run.
+_RESUME_KEYS = ('batch_size', 'seed', 'dataset', 'train_split', 'accum_steps',
+                'image_size', 'ema_decay')
+# Keys added after checkpoints were written without them: the value those had.
+_RESUME_DEFAULTS = {'ema_decay': 0.0}
 ITEM_NAMES = ('params', 'ema_params', 'train', 'meta')
 
 
@@ -271,6 +277,26 @@ def _restore_read_only(
 
 
 # ---------------------------------------------------------------- resume
+
+
+def resume_meta(config: Any) -> dict[str, Any]:
+  """What a checkpoint records so that a resume can check it is the same run."""
+  meta = {key: config[key] for key in _RESUME_KEYS}
+  meta['model'] = config.model.name
+  meta['config'] = config.to_json_best_effort()
+  return meta
+
+
+def check_resume_meta(meta: dict[str, Any], config: Any) -> None:
+  """Raises ConfigError if the workdir's checkpoint was written by another run."""
+  current = resume_meta(config)
+  saved = lambda k: meta.get(k, _RESUME_DEFAULTS.get(k))
+  changed = [f'{k}: checkpoint {saved(k)!r} vs config {current[k]!r}'
+             for k in (*_RESUME_KEYS, 'model') if saved(k) != current[k]]
+  if changed:
+    raise ConfigError(
+        'this workdir holds a checkpoint of a different run (' + '; '.join(changed)
+        + '). Use a new --workdir, or restore the original values.')
 
 
 class NoGoodCheckpointError(RuntimeError):

@@ -31,8 +31,21 @@ from vit_jax.checkpoint.layouts import is_scanned
 from vit_jax.checkpoint.layouts import stack_encoder_blocks
 from vit_jax.checkpoint.layouts import unflatten_params
 from vit_jax.checkpoint.layouts import unstack_encoder_blocks
+from vit_jax.checkpoint.posemb import METHODS as POSEMB_METHODS
 from vit_jax.checkpoint.posemb import resize_posemb
+from vit_jax.config_checks import require
 from vit_jax.metrics import summarize_names
+
+def check_config(config: Any) -> None:
+  """Raises ConfigError for pretrained-loading keys that cannot work: a
+  `pretrained_path` that does not exist, an unknown posemb resize method."""
+  if config.pretrained_path:
+    require(epath.Path(config.pretrained_path).exists(),
+            f'config.pretrained_path {config.pretrained_path} does not exist')
+  require(config.pretrained_posemb_resize in POSEMB_METHODS,
+          f'config.pretrained_posemb_resize {config.pretrained_posemb_resize!r} '
+          f'not in {POSEMB_METHODS}')
+
 
 # Top-level modules that belong to the task, not to the pre-trained backbone.
 _TASK_MODULES = ('head', 'pre_logits')

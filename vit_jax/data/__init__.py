@@ -27,6 +27,7 @@ _hide_accelerators_from_tf()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from vit_jax.data.info import DatasetInfo
+from vit_jax.data.info import check_config
 from vit_jax.data.info import get_dataset_info
 from vit_jax.data.info import num_eval_batches
 from vit_jax.data.pipeline import eval_iterator
@@ -34,6 +35,7 @@ from vit_jax.data.pipeline import train_iterator
 
 __all__ = [
     'DatasetInfo',
+    'check_config',
     'get_dataset_info',
     'train_iterator',
     'eval_iterator',

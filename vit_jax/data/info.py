@@ -3,13 +3,15 @@
 `get_dataset_info` opens the dataset and sizes every split the config names.
 It is cheap (reads metadata; prepares an offline dataset or scans an image
 folder only the first time) and raises the data errors — unknown dataset,
-data not prepared, unknown split, bad preprocessing settings — before any
-model compiles.
+data not prepared, unknown split — before any model compiles. `check_config`
+checks the input keys themselves, without touching the data.
 """
 
 import dataclasses
 import math
 
+from vit_jax.config_checks import positive_int
+from vit_jax.config_checks import require
 from vit_jax.data import preprocess
 from vit_jax.data import sources
 
@@ -40,24 +42,34 @@ def eval_splits(config) -> list[str]:
   return [s.strip() for s in config.eval_splits.split(',') if s.strip()]
 
 
-def _check_config(config) -> None:
-  if config.channels not in (1, 3):
-    raise ValueError(f'config.channels={config.channels}; must be 1 or 3.')
-  if config.image_size < 1:
-    raise ValueError(f'config.image_size={config.image_size} must be >= 1.')
+def check_config(config) -> None:
+  """Raises ConfigError naming the first bad input setting, without any IO.
+
+  `dataset` (a name), `channels`, `image_size`, `eval_splits` and the `pp`
+  section. What needs the data itself (the dataset exists, its splits do) is
+  checked by `get_dataset_info`.
+  """
+  require(isinstance(config.dataset, str) and config.dataset.strip() != '',
+          "config.dataset must be a dataset name (e.g. 'digits') or "
+          f"'folder:/path', got {config.dataset!r}")
+  require(config.channels in (1, 3), 'config.channels must be 1 (grayscale) '
+          f'or 3 (RGB), got {config.channels!r}')
+  positive_int(config.image_size, 'image_size')
+  require(bool(eval_splits(config)), 'config.eval_splits is empty')
   preprocess.check_pp(config.pp)
 
 
 def get_dataset_info(config) -> DatasetInfo:
   """Opens `config.dataset` and sizes the train and eval splits.
 
+  The config's input keys passed `check_config`.
+
   Raises:
     ValueError: unknown dataset name or split (the message lists the
-      available splits), or invalid `channels`/`image_size`/`pp` settings.
+      available splits).
     FileNotFoundError: the dataset is known but its data is missing (the
       message says how to get it).
   """
-  _check_config(config)
   source = sources.open_source(config)
   splits = [config.train_split] + eval_splits(config)
   return DatasetInfo(

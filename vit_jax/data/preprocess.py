@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from vit_jax.config_checks import ConfigError
 from vit_jax.data import augment
 
 TRAIN_CROPS = ('inception', 'random', 'resize', 'pad')
@@ -144,35 +145,39 @@ def _randaugment_rule(pp) -> str:
 
 
 def check_pp(pp) -> None:
-  """Raises ValueError for `config.pp` settings the ops cannot honour."""
+  """Raises ConfigError for `config.pp` settings the ops cannot honour.
+
+  The one check of the section; `train_preprocess` and `eval_preprocess`
+  take a `pp` that passed it.
+  """
   if pp.train_crop not in TRAIN_CROPS:
-    raise ValueError(f'config.pp.train_crop={pp.train_crop!r}; expected one '
+    raise ConfigError(f'config.pp.train_crop={pp.train_crop!r}; expected one '
                      f'of {TRAIN_CROPS}.')
   if not 0.0 < pp.area_min <= 1.0:
-    raise ValueError(f'config.pp.area_min={pp.area_min} must be in (0, 1].')
+    raise ConfigError(f'config.pp.area_min={pp.area_min} must be in (0, 1].')
   padding = pp.get('crop_padding', 4)
   if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-    raise ValueError(f'config.pp.crop_padding={padding!r} must be an integer '
+    raise ConfigError(f'config.pp.crop_padding={padding!r} must be an integer '
                      ">= 0 (pixels of border for train_crop='pad').")
   if not 0.0 < pp.eval_crop_fraction <= 1.0:
-    raise ValueError(f'config.pp.eval_crop_fraction={pp.eval_crop_fraction} '
+    raise ConfigError(f'config.pp.eval_crop_fraction={pp.eval_crop_fraction} '
                      'must be in (0, 1].')
   layers, magnitude, erase_prob = _augment_settings(pp)
   if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-    raise ValueError(f'config.pp.randaugment_layers={layers!r} must be an '
+    raise ConfigError(f'config.pp.randaugment_layers={layers!r} must be an '
                      'integer >= 0 (0 disables RandAugment).')
   if (isinstance(magnitude, bool) or not isinstance(magnitude, (int, float))
       or not 0 <= magnitude <= augment.MAX_MAGNITUDE):
-    raise ValueError(f'config.pp.randaugment_magnitude={magnitude!r} must be '
+    raise ConfigError(f'config.pp.randaugment_magnitude={magnitude!r} must be '
                      f'a number in [0, {augment.MAX_MAGNITUDE:g}] (10 = each '
                      "op's reference maximum).")
   if (isinstance(erase_prob, bool) or
       not isinstance(erase_prob, (int, float)) or not 0 <= erase_prob <= 1):
-    raise ValueError(f'config.pp.random_erase_prob={erase_prob!r} must be a '
+    raise ConfigError(f'config.pp.random_erase_prob={erase_prob!r} must be a '
                      'probability in [0, 1].')
   rule = _randaugment_rule(pp)
   if rule not in augment.RULES:
-    raise ValueError(f'config.pp.randaugment_rule={rule!r}; expected one of '
+    raise ConfigError(f'config.pp.randaugment_rule={rule!r}; expected one of '
                      f'{augment.RULES} (how RandAugment magnitudes become op '
                      'arguments, see vit_jax/data/augment_rules.py).')
 
@@ -186,7 +191,6 @@ def train_preprocess(
   With random erasing on, erased pixels are N(0, 1) noise and may leave
   [-1, 1] (as in DeiT/timm).
   """
-  check_pp(pp)
   layers, magnitude, erase_prob = _augment_settings(pp)
   rule = _randaugment_rule(pp)
 
@@ -220,7 +224,6 @@ def train_preprocess(
 def eval_preprocess(pp, size: int,
                     channels: int) -> Callable[[tf.Tensor], tf.Tensor]:
   """Returns `f(image uint8 [H, W, C]) -> float32 [size, size, channels]`."""
-  check_pp(pp)
 
   def fn(image):
     if pp.eval_crop_fraction < 1.0:

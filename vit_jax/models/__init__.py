@@ -2,6 +2,7 @@
 
 from vit_jax.models.attention import MultiHeadDotProductAttention
 from vit_jax.models.mixer import MlpMixer
+from vit_jax.models.registry import check_config
 from vit_jax.models.registry import check_image_size
 from vit_jax.models.registry import create_model
 from vit_jax.models.registry import get_model_config
@@ -12,6 +13,6 @@ from vit_jax.models.vit import posemb_sincos_2d
 
 __all__ = [
     'MultiHeadDotProductAttention', 'MlpMixer', 'VisionTransformer',
-    'check_image_size', 'create_model', 'get_model_config', 'list_models', 'model_section',
-    'posemb_sincos_2d',
+    'check_config', 'check_image_size', 'create_model', 'get_model_config',
+    'list_models', 'model_section', 'posemb_sincos_2d',
 ]

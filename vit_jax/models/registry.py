@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from vit_jax.config_checks import ConfigError
 from vit_jax.models.conv_stem import conv_stem_grid
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.resnet import stem_stride
@@ -213,3 +214,13 @@ def check_image_size(name_or_config: Union[str, ml_collections.ConfigDict],
     what = f'patch size {ph}x{pw}' + (f' times stem stride {stride}' if stride > 1 else '')
     raise ValueError(f'image size {image_size} is not divisible by the {what} of '
                      f'{config.name}; use a multiple of {stride * max(ph, pw)}')
+
+
+def check_config(model: ml_collections.ConfigDict, image_size: int) -> None:
+  """Raises ConfigError if a training config's `model` section cannot be built
+  or cannot take `image_size`; nothing is traced."""
+  try:
+    create_model(model, 1)
+    check_image_size(model, image_size)
+  except ValueError as e:
+    raise ConfigError(f'config.model / config.image_size: {e}') from None

@@ -52,6 +52,7 @@ from vit_jax import flops
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import run_setup
 from vit_jax import sharding
 from vit_jax import steps
 from vit_jax.tools import bench_pipeline
@@ -236,6 +237,7 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
 def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
   """Builds, times and reports what the flags ask for."""
   check_flags(fv)
+  run_setup.check_config(fv.config)
   if fv.compare == 'timm':
     bench_timm.check_installed()
   config = fv.config

@@ -12,7 +12,7 @@ layout `checkpoint.load_npz` reads, holding a model of the config's
 `model` with a head for the config's dataset. Without `--config` a workdir's
 saved config is used. Config values can be overridden as in train.py
 (`--config.eval_batch_size=512`, `--config.data_dir=...`). The numbers come from
-the trainer's own `evaluate` and eval step: every example of the split counted
+vit_jax.evaluation's `evaluate` and the trainer's eval step: every example of the split counted
 once, over every device. Prints the metrics as JSON.
 """
 
@@ -26,10 +26,10 @@ import ml_collections
 from ml_collections import config_flags
 
 from vit_jax import data
+from vit_jax import evaluation
 from vit_jax import models
 from vit_jax import parallel
 from vit_jax import steps
-from vit_jax import trainer
 from vit_jax.tools import cli
 from vit_jax.tools import loading
 
@@ -57,11 +57,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
   config = ml_collections.ConfigDict(config)  # A copy: the eval splits change.
   if splits:
     config.eval_splits = ','.join(splits)
+  data.check_config(config)
+  models.check_config(config.model, config.image_size)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh)
   info = data.get_dataset_info(config)  # Fails on a missing dataset or split.
   model = models.create_model(config.model, info.num_classes)
-  models.check_image_size(config.model, config.image_size)
   params = loading.load_params_any(checkpoint_path, step)
   loading.check_params_fit(
       model, params, (config.image_size, config.image_size, config.channels),
@@ -75,7 +76,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
       out_shardings=replicated)
   results: dict[str, float] = {}
   for split in data.info.eval_splits(config):
-    results.update(trainer.evaluate(eval_step, params, config, split, mesh))
+    results.update(evaluation.evaluate(eval_step, params, config, split, mesh))
   return results
 
 
