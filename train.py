@@ -13,7 +13,6 @@ Commands for each setting, and batch/sharding settings that fit B/16 and L/16:
 docs/launch.md.
 """
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -39,23 +38,13 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     'per GPU); one task per node with all its GPUs needs this.')
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops INFO records of orbax/jax internals, so the progress lines stay visible."""
-  _NOISY = ('/orbax/', '/jax/_src/', '/etils/')
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING or
-            not any(p in record.pathname for p in self._NOISY))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Before anything starts JAX's backends (distributed init included).
-  from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vit_jax import startup  # pylint: disable=g-import-not-at-top
   try:
-    parallel.use_cpu_devices(_CONFIG.value.cpu_devices)
+    startup.prepare_process(_CONFIG.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if _COORDINATOR.value or _DISTRIBUTED.value:

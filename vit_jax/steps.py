@@ -232,6 +232,15 @@ def jit_train_step(config: Any, model: nn.Module, tx: optax.GradientTransformati
                  donate_argnums=0)
 
 
+def jit_eval_step(model: nn.Module, *, num_classes: int, mesh: jax.sharding.Mesh,
+                  params_sharding: Any) -> Callable[[Any, Batch], Metrics]:
+  """The eval step as the trainer and the evaluate tool run it: params as
+  `params_sharding` says, the batch over 'data', the sums replicated."""
+  return jax.jit(make_eval_step(model, num_classes=num_classes),
+                 in_shardings=(params_sharding, parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
 def check_finite(state: TrainState, nan_policy: str) -> None:
   """With nan_policy 'stop': raises if any step so far had a NaN/Inf loss or
   gradient norm, naming the first one.

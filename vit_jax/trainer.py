@@ -6,7 +6,6 @@ log, evaluate, checkpoint) -> final evaluation. Everything that can be wrong wit
 the config, data or workdir is reported before anything is compiled.
 """
 
-import functools
 import math
 import time
 
@@ -21,13 +20,9 @@ from vit_jax import data
 from vit_jax import evaluation
 from vit_jax import flops
 from vit_jax import metrics
-from vit_jax import models
-from vit_jax import optim
 from vit_jax import parallel
-from vit_jax import param_rules
 from vit_jax import preemption
 from vit_jax import run_setup
-from vit_jax import sharding
 from vit_jax import steps
 from vit_jax import workdir as workdir_lib
 from vit_jax.checkpoint import orbax_state
@@ -59,8 +54,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Everything here is cheap: a bad config fails in seconds, not after a compile.
   run_setup.check_config(config)
   workdir = workdir_lib.prepare_workdir(workdir)
-  # train.py applied it before JAX started; here it warns if it could not.
-  parallel.use_cpu_devices(config.cpu_devices)
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
   parallel.check_batch_size(config.batch_size, mesh, config.accum_steps)
   parallel.check_batch_size(config.eval_batch_size, mesh)
@@ -74,38 +67,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                mesh.devices.size, jax.process_count())
 
   # ------------------------------------------------------ model and optimizer
-  model = models.create_model(config.model, info.num_classes)
-  tx, schedule = optim.make_optimizer(config, total_steps)
-  image_shape = (config.image_size, config.image_size, config.channels)
-  init_fn = functools.partial(steps.create_train_state, model, tx, image_shape,
-                              config.seed, ema=config.ema_decay > 0)
-  abstract_state = jax.eval_shape(init_fn)
-  # Rules are regexes over parameter names: check them against the real names
-  # now (a rule that selects nothing is an error), before anything compiles.
-  param_rules.check_rules_select(config, abstract_state.params)
-  if config.frozen or config.lr_mults or config.layer_decay != 1:
-    logging.info(param_rules.describe_param_rules(config, abstract_state.params))
-  # Sharding rules likewise (a rule that selects nothing, a model axis that
-  # does not divide num_heads / mlp_dim); optimizer state follows its param.
-  state_sharding = sharding.from_config(config, abstract_state, mesh)
-  logging.info(sharding.describe(state_sharding, abstract_state.params))
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_sharding)
+  # Also checks the parameter and sharding rules against the model's names.
+  run = run_setup.build(config, mesh, num_classes=info.num_classes,
+                        total_steps=total_steps)
+  model, state_sharding = run.model, run.state_sharding
 
   # -------------------------------------- resume, or start (scratch/pretrained)
   manager = orbax_state.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   # The newest checkpoint that restores intact; damaged newer ones are moved
   # aside with a warning, one of another run is refused.
   restored = orbax_state.restore_latest(
-      manager, abstract_state, workdir=workdir,
+      manager, run.abstract_state, workdir=workdir,
       check_meta=lambda meta: orbax_state.check_resume_meta(meta, config))
   if restored is not None:
     state, _ = restored
     logging.info('Resumed from %s at step %d', manager.directory,
                  int(state.step))
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)()
+    state = jax.jit(run.init_fn, out_shardings=state_sharding)()
     if config.pretrained_path:
       params, _ = checkpoint.load_pretrained(  # Logs what it loaded/resized.
           config.pretrained_path,  # Sharded params may span hosts: gather.
@@ -121,22 +100,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info('Model %s: %s parameters', config.model.name, f'{num_params:,}')
 
   # --------------------------------------------------------- compiled steps
-  train_step = steps.jit_train_step(config, model, tx, num_classes=info.num_classes,
-                                    mesh=mesh, state_sharding=state_sharding)
+  train_step = steps.jit_train_step(config, model, run.tx,
+                                    num_classes=info.num_classes, mesh=mesh,
+                                    state_sharding=state_sharding)
+  # The EMA is sharded like the params: the same eval_step serves both.
+  eval_step = steps.jit_eval_step(model, num_classes=info.num_classes,
+                                  mesh=mesh, params_sharding=state_sharding.params)
   batch_sharding = parallel.batch_sharding(mesh)
-  eval_step = jax.jit(
-      steps.make_eval_step(model, num_classes=info.num_classes),
-      in_shardings=(state_sharding.params, batch_sharding),
-      out_shardings=parallel.replicated(mesh))
   batch_spec = {
-      'image': jax.ShapeDtypeStruct((config.batch_size,) + image_shape,
+      'image': jax.ShapeDtypeStruct((config.batch_size,) + run.image_shape,
                                     jnp.float32, sharding=batch_sharding),
       'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
                                     sharding=batch_sharding)}
   t0 = time.time()
-  lowered = train_step.lower(abstract_state, batch_spec)
+  lowered = train_step.lower(run.abstract_state, batch_spec)
   train_step = lowered.compile()
-  step_flops = flops.train_step_flops(lowered, model, image_shape,
+  step_flops = flops.train_step_flops(lowered, model, run.image_shape,
                                       config.batch_size, config.accum_steps)
   logging.info('Compiled the train step in %.1fs (%.3g FLOP/step)',
                time.time() - t0, step_flops or float('nan'))
@@ -157,7 +136,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def evaluate_all(step: int) -> None:
     for split in eval_splits:
-      # The EMA is sharded like the params: the same eval_step serves both.
       result = evaluation.evaluate(eval_step, state.params, config, split, mesh,
                                    ema_params=state.ema_params)
       writer.write(step, result)
@@ -188,7 +166,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if step % config.log_every == 0 or step == total_steps:
       stop_if_nonfinite()
       scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      scalars['learning_rate'] = float(schedule(step - 1))
+      scalars['learning_rate'] = float(run.schedule(step - 1))
       scalars.update(timer.lap(step))
       writer.write(step, scalars)
       logging.info(metrics.format_progress(

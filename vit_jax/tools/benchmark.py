@@ -33,7 +33,7 @@ when our step has run, before torch is imported.
 """
 
 import contextlib
-import functools
+import copy
 import json
 import os
 import statistics
@@ -50,10 +50,8 @@ import numpy as np
 
 from vit_jax import flops
 from vit_jax import models
-from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import run_setup
-from vit_jax import sharding
 from vit_jax import steps
 from vit_jax.tools import bench_pipeline
 from vit_jax.tools import bench_timing
@@ -173,37 +171,50 @@ def _random_batch(batch: int, shape: tuple[int, ...], num_classes: int,
   return parallel.to_global_batch(local, mesh)
 
 
+def _bench_config(config: ml_collections.ConfigDict, model_fields_: Any,
+                  batch: int, shape: tuple[int, int, int]
+                  ) -> ml_collections.ConfigDict:
+  """`config` with the benchmark's model, batch and input shape."""
+  bench = copy.deepcopy(config)
+  with bench.unlocked():
+    bench.model = model_fields_
+  bench.batch_size = batch
+  bench.image_size, bench.channels = shape[0], shape[2]
+  return bench
+
+
 def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
                    mode: str, batch: int, shape: tuple[int, int, int],
                    num_classes: int) -> tuple[Run, dict[str, Any]]:
   """Compiles our train (or forward) step; returns run(n) and its facts.
 
   Facts: compile_s, flops_per_step (global, from the lowered program) and
-  num_devices. The train step is the trainer's: make_train_step with the
-  config's optimizer, jit on the mesh with state donation, AOT-compiled.
+  num_devices. The train step is the trainer's: run_setup.build's model,
+  optimizer and state shardings for the config, steps.jit_train_step,
+  AOT-compiled.
   """
+  config = _bench_config(config, model_fields_, batch, shape)
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
   parallel.check_batch_size(batch, mesh, config.accum_steps)
-  model = models.create_model(model_fields_, num_classes)
-  batch_sharding = parallel.batch_sharding(mesh)
   replicated = parallel.replicated(mesh)
   data = _random_batch(batch, shape, num_classes, mesh)
   start = time.perf_counter()
   if mode == 'train':
-    tx, _ = optim.make_optimizer(config, _SCHEDULE_STEPS)
-    init_fn = functools.partial(steps.create_train_state, model, tx, shape,
-                                config.seed, ema=config.ema_decay > 0)
-    state_sharding = sharding.from_config(config, jax.eval_shape(init_fn), mesh)
-    state = jax.jit(init_fn, out_shardings=state_sharding)()
+    parts = run_setup.build(config, mesh, num_classes=num_classes,
+                            total_steps=_SCHEDULE_STEPS)
+    model = parts.model
+    state = jax.jit(parts.init_fn, out_shardings=parts.state_sharding)()
     lowered = steps.jit_train_step(
-        config, model, tx, num_classes=num_classes, mesh=mesh,
-        state_sharding=state_sharding).lower(state, data)
+        config, model, parts.tx, num_classes=num_classes, mesh=mesh,
+        state_sharding=parts.state_sharding).lower(state, data)
   else:
+    model = models.create_model(config.model, num_classes)
     params = jax.jit(lambda: model.init(
         jax.random.key(config.seed), jnp.zeros((1,) + shape), train=False
     )['params'], out_shardings=replicated)()
     forward = lambda p, b: model.apply({'params': p}, b['image'], train=False)
-    lowered = jax.jit(forward, in_shardings=(replicated, batch_sharding),
+    lowered = jax.jit(forward, in_shardings=(replicated,
+                                             parallel.batch_sharding(mesh)),
                       out_shardings=replicated).lower(params, data)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
@@ -317,9 +328,7 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def main(fv: flags.FlagValues, argv: list[str]) -> None:
-  del argv
-  # As train.py: the config's CPU device split, before anything starts JAX.
-  parallel.use_cpu_devices(fv.config.cpu_devices)
+  del argv  # cli.run applied the config's CPU device split, as train.py does.
   result = benchmark(fv)
   print(format_result(result))
   if fv.json:

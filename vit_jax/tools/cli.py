@@ -14,6 +14,7 @@ from typing import Optional
 
 from absl import flags
 
+from vit_jax import startup
 from vit_jax.tools import loading
 
 Main = Callable[[flags.FlagValues, list[str]], None]
@@ -59,16 +60,6 @@ def load_model(fv: flags.FlagValues) -> loading.TrainedModel:
                                class_names_file=fv.class_names)
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops orbax's chatter about read-only managers and partial restores."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR or '/orbax/' not in record.pathname
-
-
-_QUIET = _QuietLibraries()  # One instance: addFilter ignores a repeat.
-
-
 def run(define: Define, main: Main, argv: Optional[Sequence[str]] = None,
         doc: str = '') -> int:
   """Parses `argv` (default sys.argv) with the tool's flags and runs `main`.
@@ -77,7 +68,6 @@ def run(define: Define, main: Main, argv: Optional[Sequence[str]] = None,
   Returns the exit code: 0, 1 for a user error, 2 for bad flags.
   """
   argv = list(sys.argv if argv is None else argv)
-  logging.getLogger('absl').addFilter(_QUIET)
   fv = flags.FlagValues()
   define(fv, argv)
   if {'-h', '--help', '--helpfull'} & set(argv[1:]):
@@ -89,6 +79,9 @@ def run(define: Define, main: Main, argv: Optional[Sequence[str]] = None,
     print(f'usage error: {e}\nTry --help.', file=sys.stderr)
     return 2
   try:
+    # A tool's --config (if it has one) splits the CPU like train.py does.
+    startup.prepare_process(fv.config if 'config' in fv else None,
+                            quiet_below=logging.ERROR)
     main(fv, rest[1:])
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)

@@ -70,10 +70,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
       f'{info.num_classes} classes of {config.dataset}')
   replicated = parallel.replicated(mesh)
   params = jax.device_put(params, replicated)
-  eval_step = jax.jit(
-      steps.make_eval_step(model, num_classes=info.num_classes),
-      in_shardings=(replicated, parallel.batch_sharding(mesh)),
-      out_shardings=replicated)
+  eval_step = steps.jit_eval_step(model, num_classes=info.num_classes,
+                                  mesh=mesh, params_sharding=replicated)
   results: dict[str, float] = {}
   for split in data.info.eval_splits(config):
     results.update(evaluation.evaluate(eval_step, params, config, split, mesh))
