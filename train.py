@@ -77,4 +77,9 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
+  from vit_jax import config_keys  # pylint: disable=g-import-not-at-top
+  try:  # Before absl parses them: it could only say the old key is unknown.
+    config_keys.check_flags(sys.argv)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   app.run(main)

@@ -103,41 +103,29 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   aug = AUG_LEVELS[a['aug']]
   dataset, train_split, eval_splits = DATA[a['data']]
 
+  # The defaults already are 224 px, inception crop (area >= 5%) + flip,
+  # Adam's betas (0.9, 0.999), cosine to 0, clip 1, no label smoothing.
   config = common.get_config()
+  config.dataset = dataset
+  config.batch_size = 4096
+  config.total_epochs = 300.0
+  config.eval_every = 5000
   size, patch = a['variant'].split('/')
   config.model = models.model_section(
       f'ViT-{size}_{patch}', dropout_rate=float(a['do']),
       stochastic_depth=float(a['sd']))
-  config.dataset = dataset
-  config.train_split = train_split
-  config.eval_splits = eval_splits
-  config.image_size = 224
-  config.shuffle_buffer = 250_000
-  config.cache = False
-  config.pp.train_crop = 'inception'
-  config.pp.area_min = 0.05
-  config.pp.flip = True
+  config.input.train_split = train_split
+  config.input.shuffle_buffer = 250_000
+  config.input.cache = False
   config.pp.randaugment_layers = aug.randaugment_layers
   config.pp.randaugment_magnitude = aug.randaugment_magnitude
   config.pp.eval_crop_fraction = 224 / 256
   config.mixup.mixup_alpha = aug.mixup_alpha
-
-  config.batch_size = 4096
-  config.total_epochs = 300.0
+  config.eval.splits = eval_splits
   config.optim.name = 'adamw'
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
   config.optim.accumulator_dtype = 'bfloat16'
-  config.lr.base = 1e-3
-  config.lr.warmup_steps = 10_000
-  config.lr.schedule = 'cosine'
-  config.lr.end_value = 0.0
-  config.weight_decay = float(a['wd'])  # lr-scaled, as the file names mean it.
-  config.grad_clip_norm = 1.0
-  config.label_smoothing = 0.0
-
-  config.log_every = 50
-  config.eval_every = 5000
-  config.checkpoint_every = 1000
+  config.optim.weight_decay = float(a['wd'])  # lr-scaled, as the file names mean it.
+  config.schedule.base_lr = 1e-3
+  config.schedule.warmup_steps = 10_000
   config.lock()
   return config

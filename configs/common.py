@@ -1,8 +1,16 @@
 """Shared defaults for every training config.
 
-Each experiment config starts from `get_config()` here, overrides what its recipe
-needs, and returns a locked ConfigDict: an unknown key (a typo such as
+Each experiment config starts from `get_config()` here, sets only what its
+recipe changes, and returns a locked ConfigDict: an unknown key (a typo such as
 `--config.batchsize=64`) is an error, not a silently ignored setting.
+
+Layout: the run-level keys every config has are top-level (`dataset`,
+`batch_size`, `total_steps` / `total_epochs`, `log_every`, `eval_every`,
+`checkpoint_every`, `seed`, `pretrained_path`); everything else sits in a
+section named for the code that reads it (`optim` for vit_jax/optim.py,
+`input` and `pp` for vit_jax/data, ...). docs/configs.md lists every key;
+keys of the earlier flat layout are refused with their new name
+(vit_jax/config_keys.py).
 
 Durations: set `total_steps`, or `total_epochs` (then total_steps is derived from the
 train split size and the batch size). When both are set, `total_steps` wins, so
@@ -11,38 +19,55 @@ train split size and the batch size). When both are set, `total_steps` wins, so
 
 import ml_collections
 
+FieldReference = ml_collections.FieldReference
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the defaults every training config shares."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
 
-  # Model: `model.name` picks a registered variant (vit_jax.models); every other key
+  # ------------------------------------------------------------ the run
+  config.seed = 0
+  # A TFDS name ('cifar10', 'fashion_mnist', 'digits') or 'folder:/path/to/root'
+  # for an image folder (root/<split>/<class>/*.jpg).
+  config.dataset = 'fashion_mnist'
+  config.batch_size = 512          # Global batch, across all devices and hosts.
+  config.total_steps = FieldReference(None, field_type=int)
+  config.total_epochs = FieldReference(None, field_type=float)
+  config.log_every = 50
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  # Fine-tuning start (vit_jax.checkpoint.load_pretrained): a released / Linen /
+  # big_vision .npz, or a workdir of ours (its checkpoints/, or checkpoints/<step>).
+  # The head is always re-initialised for the new classes. '' = from scratch.
+  config.pretrained_path = ''
+
+  # ------------------------------------------------------------ model
+  # `model.name` picks a registered variant (vit_jax.models); every other key
   # under `model` overrides a field of that variant (e.g. dropout_rate, classifier).
   config.model = ml_collections.ConfigDict()
   config.model.name = 'ViT-Ti_16'
-  # Fine-tuning start (vit_jax.checkpoint.load_pretrained): a released / Linen /
-  # big_vision .npz, or a workdir of ours (its checkpoints/, or checkpoints/<step>).
-  # The head is always re-initialised for the new classes.
-  config.pretrained_path = ''      # '' = train from scratch.
-  config.pretrained_keep_pre_logits = ml_collections.FieldReference(None, field_type=bool)
-  #                                  None: keep the file's pre_logits if the model has
-  #                                  that layer; True: require it; False: fresh.
-  config.pretrained_posemb_resize = 'linear'  # 'linear' (reference) | 'bicubic' (timm)
 
-  # Data. `dataset` is a TFDS name ('cifar10', 'fashion_mnist', 'digits') or
-  # 'folder:/path/to/root' for an image folder (root/<split>/<class>/*.jpg).
-  config.dataset = 'fashion_mnist'
-  config.data_dir = ml_collections.FieldReference(None, field_type=str)
-  config.train_split = 'train'
-  config.eval_splits = 'test'      # Comma-separated list; each is evaluated in full.
-  config.image_size = 224          # Model input resolution (square).
-  config.channels = 3              # Grayscale data is repeated to 3 channels unless 1.
-  config.shuffle_buffer = 50_000
-  config.cache = True              # Cache decoded examples in memory (small datasets).
-  config.prefetch = 2
-  config.skip_bad_images = False   # Image folders: skip unreadable files (warn), not fail.
-  config.tfds_reader = 'shards'    # 'shards' | 'as_dataset' (any TFDS format, mock_data).
+  # How `pretrained_path` is loaded (vit_jax/checkpoint/pretrained.py).
+  config.pretrained = ml_collections.ConfigDict()
+  # None: keep the file's pre_logits if the model has that layer; True: require
+  # it; False: a fresh one.
+  config.pretrained.keep_pre_logits = FieldReference(None, field_type=bool)
+  config.pretrained.posemb_resize = 'linear'  # 'linear' (reference) | 'bicubic' (timm)
+
+  # ------------------------------------------------------------ input (data/)
+  config.input = ml_collections.ConfigDict()
+  config.input.data_dir = FieldReference(None, field_type=str)
+  config.input.train_split = 'train'
+  config.input.image_size = 224    # Model input resolution (square).
+  config.input.channels = 3        # Grayscale data is repeated to 3 channels unless 1.
+  config.input.shuffle_buffer = 50_000
+  config.input.cache = True        # Cache decoded examples in memory (small datasets).
+  config.input.prefetch = 2
+  config.input.skip_bad_images = False  # Image folders: skip unreadable files (warn).
+  # 'shards' | 'as_dataset' (any TFDS format; what tfds.testing.mock_data needs).
+  config.input.tfds_reader = 'shards'
+  # Preprocessing (vit_jax/data/preprocess.py).
   config.pp = ml_collections.ConfigDict()
   config.pp.train_crop = 'inception'   # 'inception' | 'random' | 'resize' | 'pad'
   config.pp.crop_padding = 4           # train_crop='pad': border in pixels.
@@ -58,71 +83,79 @@ def get_config() -> ml_collections.ConfigDict:
   config.pp.randaugment_rule = 'reference'
   config.pp.random_erase_prob = 0.0    # DeiT: 0.25; one noise box, in [-1, 1] units.
 
-  # Optimisation.
-  config.batch_size = 512          # Global batch, across all devices and hosts.
-  config.accum_steps = 1           # Micro-batches per step (gradient accumulation).
-  config.total_steps = ml_collections.FieldReference(None, field_type=int)
-  config.total_epochs = ml_collections.FieldReference(None, field_type=float)
+  # ------------------------------------------------------------ evaluation
+  config.eval = ml_collections.ConfigDict()
+  config.eval.splits = 'test'      # Comma-separated list; each is evaluated in full.
+  config.eval.batch_size = 256
+
+  # ------------------------------------------------------------ optimizer (optim.py)
   config.optim = ml_collections.ConfigDict()
   config.optim.name = 'sgd'        # 'sgd' | 'adam' | 'adamw'
   config.optim.momentum = 0.9      # sgd
   config.optim.nesterov = False    # sgd
-  config.optim.accumulator_dtype = 'float32'  # sgd momentum / Adam mu dtype ('bfloat16' saves memory)
+  # Dtype of sgd's momentum / Adam's first moment ('bfloat16' saves memory).
+  config.optim.accumulator_dtype = 'float32'
   config.optim.b1 = 0.9            # adam/adamw
   config.optim.b2 = 0.999          # adam/adamw
   config.optim.eps = 1e-8          # adam/adamw
-  config.lr = ml_collections.ConfigDict()
-  config.lr.base = 0.03
-  config.lr.schedule = 'cosine'    # 'cosine' | 'linear' | 'rsqrt' | 'constant'
-  config.lr.warmup_steps = 500
-  config.lr.end_value = 0.0        # Value the decay ends at (cosine/linear).
-  config.lr.timescale = 10_000     # rsqrt with warmup_steps=0: lr = base*sqrt(t/(step+t)).
-  config.grad_clip_norm = 1.0      # Global-norm clipping; 0 disables.
-  config.weight_decay = 0.0        # Decoupled; multiplied by the learning rate.
-  config.wd_mask = '.*/kernel$'    # Regex over '/'-joined param paths that decay.
+  config.optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+  config.optim.weight_decay = 0.0  # Decoupled; multiplied by the learning rate.
   # Parameter rules (vit_jax.param_rules): regexes over '/'-joined param paths.
-  config.frozen = ''               # Matching params get no updates ('' = none).
-  config.lr_mults = ()             # ((regex, factor), ...): first match scales its lr.
-  config.layer_decay = 1.0         # lr x decay**(top - depth); 1 disables (BEiT style).
-  config.label_smoothing = 0.0
+  config.optim.wd_mask = '.*/kernel$'  # Params that decay.
+  config.optim.frozen = ''         # Matching params get no updates ('' = none).
+  config.optim.lr_mults = ()       # ((regex, factor), ...): first match scales its lr.
+  config.optim.layer_decay = 1.0   # lr x decay**(top - depth); 1 disables (BEiT style).
+  # Learning-rate schedule (optim.make_schedule): linear warmup from 0, then `name`.
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = 'cosine'  # 'cosine' | 'linear' | 'rsqrt' | 'constant'
+  config.schedule.base_lr = 0.03
+  config.schedule.warmup_steps = 500
+  config.schedule.end_lr = 0.0     # Where the decay ends (cosine/linear).
+  config.schedule.timescale = 10_000  # rsqrt without warmup: base*sqrt(t/(step+t)).
+
+  # ------------------------------------------------------------ train step (steps.py)
+  config.train = ml_collections.ConfigDict()
+  config.train.accum_steps = 1     # Micro-batches per step (gradient accumulation).
+  config.train.label_smoothing = 0.0
+  # EMA of the params, updated every step and evaluated beside them
+  # (eval_<split>_ema_*); load with checkpoint.load_params(..., ema=True). 0 = off.
+  config.train.ema_decay = 0.0
+  # A step whose loss or gradient norm is NaN/Inf: 'stop' ends the run (exit
+  # non-zero, naming the step; nothing after it is saved) | 'skip_step' leaves
+  # params and optimizer state unchanged for that step and counts it
+  # (`skipped_steps` in metrics.jsonl).
+  config.train.nan_policy = 'stop'
+  config.train.parallelism = 'jit'  # 'jit' (sharded jit) | 'shard_map' (explicit pmean)
   # Mixup / cutmix of each batch on device (vit_jax.mixup); targets become soft.
   config.mixup = ml_collections.ConfigDict()
   config.mixup.mixup_alpha = 0.0   # Beta(a, a) blending weight; 0 = no mixup.
   config.mixup.cutmix_alpha = 0.0  # Beta(a, a) pasted-box area; 0 = no cutmix.
   config.mixup.prob = 1.0          # Chance that a batch is mixed at all.
   config.mixup.switch_prob = 0.5   # Chance of cutmix (not mixup) when both are on.
-  # EMA of the params, updated every step and evaluated beside them
-  # (eval_<split>_ema_*); load with checkpoint.load_params(..., ema=True). 0 = off.
-  config.ema_decay = 0.0
 
-  # Parallelism.
-  config.parallelism = 'jit'       # 'jit' (sharded jit) | 'shard_map' (explicit pmean)
-  # CPU hosts only: split the cores into this many XLA devices that run the step
-  # data-parallel (parallel.use_cpu_devices; applied by train.py at start-up).
-  # Pays for small models; 0 = JAX's default (one device, or XLA_FLAGS).
-  config.cpu_devices = 0
-  # Mesh and sharding rules (vit_jax.sharding, docs/launch.md). Batches are split
-  # over `data`; `model` is the tensor-parallel group size (within one host).
+  # ------------------------------------------------------------ devices (parallel.py)
+  # Batches are split over `data`; `model` is the tensor-parallel group size
+  # (within one host). docs/launch.md.
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1            # -1: all devices not taken by `model`.
   config.mesh.model = 1
-  # A preset ('replicate' | 'fsdp' | 'model' | 'fsdp+model', applied to every
-  # param) or ((regex, strategy), ...) over '/'-joined param paths, first match
-  # wins, unmatched params replicated. 'fsdp' and 'model' need parallelism='jit'.
-  config.sharding = ml_collections.FieldReference('replicate', field_type=object)
-  config.fsdp_min_size = 2**18     # fsdp leaves smaller arrays (elements) replicated.
+  # CPU hosts only: split the cores into this many XLA devices that run the step
+  # data-parallel (applied at start-up, vit_jax/startup.py). 0 = JAX's default
+  # (one device, or what XLA_FLAGS says).
+  config.mesh.cpu_devices = 0
+  # Sharding rules (vit_jax/sharding.py): a preset ('replicate' | 'fsdp' |
+  # 'model' | 'fsdp+model', applied to every param) or ((regex, strategy), ...)
+  # over '/'-joined param paths, first match wins, unmatched params replicated.
+  # 'fsdp' and 'model' need train.parallelism='jit'.
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.rules = FieldReference('replicate', field_type=object)
+  config.sharding.fsdp_min_size = 2**18  # fsdp leaves smaller arrays replicated.
 
-  # Loop, evaluation, logging, checkpoints.
-  config.log_every = 50
-  config.eval_every = 1000
-  config.checkpoint_every = 1000
-  config.keep_checkpoints = 3      # >= 2 lets a resume fall back past a damaged latest one.
-  # A step whose loss or gradient norm is NaN/Inf: 'stop' ends the run (exit
-  # non-zero, naming the step; nothing after it is saved) | 'skip_step' leaves
-  # params and optimizer state unchanged for that step and counts it
-  # (`skipped_steps` in metrics.jsonl).
-  config.nan_policy = 'stop'
-  config.eval_batch_size = 256
-  config.peak_flops = ml_collections.FieldReference(None, field_type=float)  # per device; None = auto
-  config.write_plot = True
+  # ------------------------------------------------------------ checkpoints, metrics
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.keep = 3  # >= 2 lets a resume fall back past a damaged latest one.
+  config.metrics = ml_collections.ConfigDict()
+  # Peak FLOP/s per device behind MFU; None = the known peaks (vit_jax/flops.py).
+  config.metrics.peak_flops = FieldReference(None, field_type=float)
+  config.metrics.write_plot = True  # DIR/curves.png at the end of the run.
   return config

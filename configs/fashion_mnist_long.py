@@ -29,36 +29,25 @@ from vit_jax import models
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = common.get_config()
+  config = common.get_config()  # Its dataset is Fashion-MNIST.
+  config.batch_size = 128
+  config.total_epochs = 50.0
+  config.log_every = 100
+  config.eval_every = 2345  # Every 5 epochs of 469 steps.
   config.model = models.model_section(
       'ViT-test_4', hidden_size=128, num_layers=6, num_heads=4, mlp_dim=256,
       conv_stem=(32, 64, 128), conv_stem_depth=2, patch_size=(1, 1))
-  config.dataset = 'fashion_mnist'
-  config.train_split = 'train'
-  config.eval_splits = 'test'
-  config.image_size = 28
-  config.channels = 1
+  config.input.image_size = 28
+  config.input.channels = 1
   config.pp.train_crop = 'pad'
   config.pp.crop_padding = 2
-  config.pp.flip = True
   config.pp.random_erase_prob = 0.1
-
-  config.batch_size = 128
-  config.total_epochs = 50.0
-  config.cpu_devices = 2
+  config.eval.batch_size = 1000
   config.optim.name = 'adamw'
-  config.optim.b2 = 0.999
-  config.lr.base = 2e-3
-  config.lr.warmup_steps = 500
-  config.lr.schedule = 'cosine'
-  config.weight_decay = 0.05
-  config.grad_clip_norm = 1.0
-  config.label_smoothing = 0.1
-  config.ema_decay = 0.999
-
-  config.log_every = 100
-  config.eval_every = 2345  # Every 5 epochs of 469 steps.
-  config.checkpoint_every = 1000
-  config.eval_batch_size = 1000
+  config.optim.weight_decay = 0.05
+  config.schedule.base_lr = 2e-3
+  config.train.label_smoothing = 0.1
+  config.train.ema_decay = 0.999
+  config.mesh.cpu_devices = 2
   config.lock()
   return config

@@ -26,33 +26,22 @@ from vit_jax import models
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = common.get_config()
+  config = common.get_config()  # Its dataset is Fashion-MNIST.
+  config.batch_size = 128
+  config.total_epochs = 10.0
+  config.log_every = 100
+  config.checkpoint_every = 500
   config.model = models.model_section(
       'ViT-test_4', hidden_size=64, num_layers=3, num_heads=2, mlp_dim=128,
       conv_stem=(16, 32, 64), patch_size=(1, 1))
-  config.dataset = 'fashion_mnist'
-  config.train_split = 'train'
-  config.eval_splits = 'test'
-  config.image_size = 28
-  config.channels = 1
+  config.input.image_size = 28
+  config.input.channels = 1
   config.pp.train_crop = 'resize'  # No crop (see above); 28 px stays 28 px.
-  config.pp.flip = True
-
-  config.batch_size = 128
-  config.total_epochs = 10.0
-  config.cpu_devices = 2
+  config.eval.batch_size = 1000
   config.optim.name = 'adamw'
-  config.optim.b2 = 0.999
-  config.lr.base = 3e-3
-  config.lr.warmup_steps = 200
-  config.lr.schedule = 'cosine'
-  config.weight_decay = 0.05
-  config.grad_clip_norm = 1.0
-  config.label_smoothing = 0.0
-
-  config.log_every = 100
-  config.eval_every = 1000
-  config.checkpoint_every = 500
-  config.eval_batch_size = 1000
+  config.optim.weight_decay = 0.05
+  config.schedule.base_lr = 3e-3
+  config.schedule.warmup_steps = 200
+  config.mesh.cpu_devices = 2
   config.lock()
   return config

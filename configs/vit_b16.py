@@ -7,7 +7,7 @@ Paper number (ViT paper Table 2 / official repo, not measured here): 84.53% top-
 after 20k steps of batch 512 with SGD lr 0.03 (B/32: 81.66%, L/16: 84.47%).
 Needs ImageNet prepared for TFDS (`imagenet2012`, manual download). On a TPU v3-8
 this is the official repo's reference setup; on smaller hosts raise
-`--config.accum_steps` to keep the global batch at 512.
+`--config.train.accum_steps` to keep the global batch at 512.
 """
 
 from configs import vit_paper

@@ -77,6 +77,6 @@ def get_config(arg: str = 'ViT-B_16,cifar10') -> ml_collections.ConfigDict:
   config = finetune.get_config(
       model, dataset, steps=task.steps, lr=task.lr, image_size=384,
       train_split=task.train_split, eval_splits=task.eval_splits)
-  config.lr.warmup_steps = task.warmup_steps
+  config.schedule.warmup_steps = task.warmup_steps
   config.lock()
   return config

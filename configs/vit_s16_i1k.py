@@ -47,40 +47,26 @@ def _epochs(arg: str) -> int:
 def get_config(arg: str = 'epochs=90') -> ml_collections.ConfigDict:
   """The locked config for `epochs=<90|150|300>`."""
   epochs = _epochs(arg)
+  # The defaults already are 224 px, inception crop (area >= 5%) + flip,
+  # RandAugment magnitude 10, Adam's betas (0.9, 0.999), cosine to 0, clip 1.
   config = common.get_config()
-  config.model = models.model_section(
-      'ViT-S_16', classifier='gap', posemb='sincos2d', representation_size=384)
-
   config.dataset = 'imagenet2012'
-  config.train_split = 'train[:99%]'
-  config.eval_splits = 'train[99%:],validation'
-  config.image_size = 224
-  config.shuffle_buffer = 250_000
-  config.cache = False             # 1.28M JPEGs do not fit in memory here.
-  config.pp.train_crop = 'inception'
-  config.pp.area_min = 0.05
-  config.pp.flip = True
-  config.pp.randaugment_layers = 2
-  config.pp.randaugment_magnitude = 10.0
-  config.pp.eval_crop_fraction = 224 / 256
-  config.mixup.mixup_alpha = 0.2
-
   config.batch_size = 1024
   config.total_epochs = float(epochs)
-  config.optim.name = 'adamw'      # Decoupled decay, see the docstring.
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.accumulator_dtype = 'bfloat16'
-  config.lr.base = 1e-3
-  config.lr.warmup_steps = 10_000
-  config.lr.schedule = 'cosine'
-  config.lr.end_value = 0.0
-  config.weight_decay = 0.1        # = big_vision wd 1e-4 at lr 1e-3.
-  config.grad_clip_norm = 1.0
-  config.label_smoothing = 0.0
-
-  config.log_every = 50
   config.eval_every = 2500
-  config.checkpoint_every = 1000
+  config.model = models.model_section(
+      'ViT-S_16', classifier='gap', posemb='sincos2d', representation_size=384)
+  config.input.train_split = 'train[:99%]'
+  config.input.shuffle_buffer = 250_000
+  config.input.cache = False       # 1.28M JPEGs do not fit in memory here.
+  config.pp.randaugment_layers = 2
+  config.pp.eval_crop_fraction = 224 / 256
+  config.mixup.mixup_alpha = 0.2
+  config.eval.splits = 'train[99%:],validation'
+  config.optim.name = 'adamw'      # Decoupled decay, see the docstring.
+  config.optim.accumulator_dtype = 'bfloat16'
+  config.optim.weight_decay = 0.1  # = big_vision wd 1e-4 at lr 1e-3.
+  config.schedule.base_lr = 1e-3
+  config.schedule.warmup_steps = 10_000
   config.lock()
   return config

@@ -126,7 +126,7 @@ def digits_dir(tmp_path_factory):
 
 def test_pipeline_mode(digits_dir, tmp_path):
   result = _run(quickstart_on_digits(
-      digits_dir, '--config.prefetch=1', '--pipeline', '--model=ViT-test_4',
+      digits_dir, '--config.input.prefetch=1', '--pipeline', '--model=ViT-test_4',
       '--batch=8', '--steps=1', '--repeats=2', '--warmup=1'), tmp_path)
   _assert_positive(result, FIELDS + ('pipeline_img_per_sec', 'pipeline_over_step'))
   assert (result['num_classes'], result['image_size'], result['channels']) == (
@@ -136,7 +136,7 @@ def test_pipeline_mode(digits_dir, tmp_path):
 
 
 def test_jpeg_folder_pipeline(tmp_path):
-  config = tiny_config(tmp_path, channels=3)
+  config = tiny_config(tmp_path, input={'channels': 3})
   with bench_pipeline.jpeg_folder_config(config, 25) as folder_config:
     root = folder_config.dataset[len('folder:'):]
     train = os.path.join(root, 'train')

@@ -374,11 +374,11 @@ def digits_dir(tmp_path_factory):
 def _config(data_dir, **pp):
   config = common.get_config()
   config.dataset = 'digits'
-  config.data_dir = str(data_dir)
-  config.image_size = 12
-  config.channels = 3
-  config.prefetch = 1
-  config.shuffle_buffer = 300
+  config.input.data_dir = str(data_dir)
+  config.input.image_size = 12
+  config.input.channels = 3
+  config.input.prefetch = 1
+  config.input.shuffle_buffer = 300
   config.pp.update(pp)
   return config
 
@@ -392,7 +392,7 @@ def _take(config, n, **kwargs):
 def test_pipeline_repeatable_and_resumes_with_augmentation(digits_dir, cache):
   config = _config(digits_dir, randaugment_layers=2, randaugment_magnitude=15.0,
                    random_erase_prob=0.5)
-  config.cache = cache
+  config.input.cache = cache
   first = _take(config, 3)
   resumed = _take(config, 2, start_step=1)  # Same (seed, step): same batch.
   for a, b in zip(first[1:], resumed):
@@ -400,7 +400,7 @@ def test_pipeline_repeatable_and_resumes_with_augmentation(digits_dir, cache):
     np.testing.assert_array_equal(a['label'], b['label'])
   assert not np.array_equal(first[1]['image'], first[2]['image'])
   plain_config = _config(digits_dir)
-  plain_config.cache = cache
+  plain_config.input.cache = cache
   plain = _take(plain_config, 1)
   np.testing.assert_array_equal(first[0]['label'], plain[0]['label'])
   assert not np.array_equal(first[0]['image'], plain[0]['image'])

@@ -35,14 +35,17 @@ def fashion_dir(tmp_path_factory):
   return data_dir
 
 
-def _config(data_dir, **overrides):
+def _config(data_dir, eval_splits='test', **input_keys):
+  """Fashion-MNIST at 28 px, one channel; `input_keys` set in config.input."""
   config = common.get_config()
   config.dataset = 'fashion_mnist'
-  config.data_dir = str(data_dir)
-  config.image_size = 28
-  config.channels = 1
-  config.prefetch = 1
-  config.update(overrides)
+  config.input.data_dir = str(data_dir)
+  config.input.image_size = 28
+  config.input.channels = 1
+  config.input.prefetch = 1
+  config.lock()  # A key that does not exist is an error, not a new key.
+  config.input.update(input_keys)
+  config.eval.splits = eval_splits
   return config
 
 

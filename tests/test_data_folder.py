@@ -31,13 +31,16 @@ def _write_folder(root, *, corrupt=False):
     (root / 'train' / 'a_cat' / 'broken.jpg').write_bytes(b'\xff\xd8garbage')
 
 
-def _config(root, **overrides):
+def _config(root, eval_splits='test', **input_keys):
+  """The image folder at 8 px, RGB; `input_keys` set in config.input."""
   config = common.get_config()
   config.dataset = f'folder:{root}'
-  config.image_size = 8
-  config.channels = 3
-  config.prefetch = 1
-  config.update(overrides)
+  config.input.image_size = 8
+  config.input.channels = 3
+  config.input.prefetch = 1
+  config.lock()  # A key that does not exist is an error, not a new key.
+  config.input.update(input_keys)
+  config.eval.splits = eval_splits
   return config
 
 

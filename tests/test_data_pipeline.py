@@ -29,16 +29,21 @@ def digits_dir(tmp_path_factory):
 def _config(data_dir, **overrides):
   config = common.get_config()
   config.dataset = 'digits'
-  config.data_dir = str(data_dir)
-  config.image_size = 12
-  config.channels = 1
-  config.shuffle_buffer = 300
-  config.prefetch = 1
-  for key, value in overrides.items():
+  config.input.data_dir = str(data_dir)
+  config.input.image_size = 12
+  config.input.channels = 1
+  config.input.shuffle_buffer = 300
+  config.input.prefetch = 1
+  config.lock()  # A key that does not exist is an error, not a new key.
+  for key, value in overrides.items():  # pp_<key>, dataset, eval_splits, input keys.
     if key.startswith('pp_'):
       config.pp[key[3:]] = value
+    elif key == 'eval_splits':
+      config.eval.splits = value
+    elif key == 'dataset':
+      config.dataset = value
     else:
-      config[key] = value
+      config.input[key] = value
   return config
 
 

@@ -38,7 +38,7 @@ def test_ema_update_maths():
 
 def _model_and_tx():
   config = common.get_config()
-  config.optim.name, config.lr.base, config.lr.warmup_steps = 'adamw', 1e-2, 0
+  config.optim.name, config.schedule.base_lr, config.schedule.warmup_steps = 'adamw', 1e-2, 0
   model = models.create_model('ViT-test_4', 10, num_layers=1)
   return model, optim.make_optimizer(config, total_steps=10)[0]
 
@@ -86,7 +86,7 @@ def test_ema_decay_without_an_ema_state_is_an_error():
   with pytest.raises(ValueError, match='ema=True'):
     jax.eval_shape(step, state, _batch())
   with pytest.raises(ValueError, match='ema_decay'):  # Checked with the config.
-    steps.check_config(step_config(ema_decay=1.0))
+    steps.check_config(step_config(train={'ema_decay': 1.0}))
 
 
 def test_checkpoint_saves_and_restores_ema(two_steps, tmp_path):
@@ -129,26 +129,27 @@ def test_state_without_ema_keeps_the_old_layout(two_steps, tmp_path):
 
 
 def test_resume_with_another_ema_setting_is_refused(tmp_path):
-  config = tiny_config(tmp_path, ema_decay=0.999)
+  config = tiny_config(tmp_path, train={'ema_decay': 0.999})
   meta = orbax_state.resume_meta(config)
   orbax_state.check_resume_meta(meta, config)
   for other in (0.0, 0.9):
     with pytest.raises(config_checks.ConfigError, match='ema_decay: checkpoint 0.999'):
-      orbax_state.check_resume_meta(meta, tiny_config(tmp_path, ema_decay=other))
+      orbax_state.check_resume_meta(
+          meta, tiny_config(tmp_path, train={'ema_decay': other}))
   # Checkpoints written before ema_decay existed resume with EMA off only.
   old = {k: v for k, v in orbax_state.resume_meta(tiny_config(tmp_path)).items()
-         if k != 'ema_decay'}
+         if k != 'train.ema_decay'}
   orbax_state.check_resume_meta(old, tiny_config(tmp_path))
   with pytest.raises(config_checks.ConfigError, match='ema_decay'):
     orbax_state.check_resume_meta(old, config)
   with pytest.raises(config_checks.ConfigError, match='ema_decay'):
-    run_setup.check_config(tiny_config(tmp_path, ema_decay=1.0))
+    run_setup.check_config(tiny_config(tmp_path, train={'ema_decay': 1.0}))
 
 
 def test_loop_evaluates_saves_and_resumes_the_ema_exactly(tmp_path):
   config = tiny_config(
-      tmp_path / 'tfds', batch_size=16, eval_batch_size=64, total_steps=4,
-      eval_every=4, checkpoint_every=2, ema_decay=0.9)
+      tmp_path / 'tfds', batch_size=16, total_steps=4, eval_every=4,
+      checkpoint_every=2, eval={'batch_size': 64}, train={'ema_decay': 0.9})
   config.model.num_layers = 1
   config.model.dropout_rate = 0.1  # The rng matters for the resume.
   workdir, resumed = tmp_path / 'w', tmp_path / 'resumed'
@@ -173,6 +174,6 @@ def test_loop_evaluates_saves_and_resumes_the_ema_exactly(tmp_path):
         jax.tree.leaves(checkpoint.load_params(str(resumed), ema=use_ema))):
       np.testing.assert_array_equal(a, b)
   # The same workdir with EMA off is another run: refused, clearly.
-  config.ema_decay = 0.0
+  config.train.ema_decay = 0.0
   with pytest.raises(config_checks.ConfigError, match='ema_decay'):
     trainer.train_and_evaluate(config, str(workdir))

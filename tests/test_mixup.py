@@ -172,7 +172,7 @@ def _run(section, *, parallelism='jit', accum_steps=1, num_devices=1,
   config = common.get_config()
   # SGD from step 1 (no warmup): the update is proportional to the gradient,
   # so any difference in the mixed batch shows in the params.
-  config.optim.name, config.lr.base, config.lr.warmup_steps = 'sgd', 0.1, 0
+  config.optim.name, config.schedule.base_lr, config.schedule.warmup_steps = 'sgd', 0.1, 0
   model = models.create_model('ViT-test_4', 10, num_layers=1)
   tx, _ = optim.make_optimizer(config, total_steps=10)
   init = functools.partial(steps.create_train_state, model, tx, IMAGE_SHAPE, 0)

@@ -82,13 +82,13 @@ def _flags(workdir, data_dir, *extra):
   return quickstart_on_digits(
       data_dir, f'--workdir={workdir}', '--config.model.hidden_size=32',
       '--config.model.num_heads=2', '--config.model.mlp_dim=64',
-      '--config.model.num_layers=1', '--config.channels=1',
+      '--config.model.num_layers=1', '--config.input.channels=1',
       '--config.pp.train_crop=resize', '--config.optim.name=adamw',
-      '--config.lr.base=0.001', '--config.lr.warmup_steps=2',
-      '--config.batch_size=32', '--config.eval_batch_size=64',
-      '--config.eval_splits=test[:64]', f'--config.total_steps={STEPS}',
+      '--config.schedule.base_lr=0.001', '--config.schedule.warmup_steps=2',
+      '--config.batch_size=32', '--config.eval.batch_size=64',
+      '--config.eval.splits=test[:64]', f'--config.total_steps={STEPS}',
       '--config.log_every=2', f'--config.eval_every={STEPS}',
-      f'--config.checkpoint_every={STEPS}', '--config.write_plot=False', *extra)
+      f'--config.checkpoint_every={STEPS}', '--config.metrics.write_plot=False', *extra)
 
 
 def _start(args, devices, record=None):
@@ -139,8 +139,8 @@ def data_dir(tmp_path_factory):
 def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   port = _free_port()
-  sharded = ('--config.sharding=fsdp+model', '--config.mesh.model=2',
-             '--config.fsdp_min_size=0')
+  sharded = ('--config.sharding.rules=fsdp+model', '--config.mesh.model=2',
+             '--config.sharding.fsdp_min_size=0')
   procs = [_start(_flags(multi, data_dir, *sharded,
                          f'--coordinator_address=127.0.0.1:{port}',
                          '--num_processes=2', f'--process_id={i}'),

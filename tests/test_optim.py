@@ -16,7 +16,7 @@ from vit_jax import param_rules
 def _config(**overrides):
   config = common.get_config()
   config.total_steps = 100
-  config.lr.warmup_steps = 0
+  config.schedule.warmup_steps = 0
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split('.')
@@ -24,6 +24,10 @@ def _config(**overrides):
       node = node[parent]
     node[leaf] = value
   return config
+
+
+# No warmup, no decay: the lr is schedule.base_lr from the first step.
+CONSTANT_LR = {'schedule.name': 'constant', 'schedule.warmup_steps': 0}
 
 
 def _lr(schedule, step):
@@ -37,8 +41,9 @@ def _lr(schedule, step):
     ('constant', 0.9, 0.9),
 ])
 def test_schedule_key_steps(name, mid, end):
-  config = _config(**{'lr.schedule': name, 'lr.base': 0.9, 'lr.end_value': 0.1,
-                      'lr.warmup_steps': 10})
+  config = _config(**{'schedule.name': name, 'schedule.base_lr': 0.9,
+                      'schedule.end_lr': 0.1,
+                      'schedule.warmup_steps': 10})
   schedule = optim.make_schedule(config, total_steps=110)
   assert _lr(schedule, 0) == 0.0
   assert _lr(schedule, 5) == pytest.approx(0.45)       # Linear warmup.
@@ -49,20 +54,23 @@ def test_schedule_key_steps(name, mid, end):
 
 
 def test_cosine_quarter_point():
-  config = _config(**{'lr.schedule': 'cosine', 'lr.base': 1.0, 'lr.warmup_steps': 0})
+  config = _config(**{'schedule.name': 'cosine', 'schedule.base_lr': 1.0,
+                      'schedule.warmup_steps': 0})
   schedule = optim.make_schedule(config, total_steps=100)
   assert _lr(schedule, 0) == pytest.approx(1.0)
   assert _lr(schedule, 25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_rsqrt_with_and_without_warmup():
-  config = _config(**{'lr.schedule': 'rsqrt', 'lr.base': 1.0, 'lr.warmup_steps': 100})
+  config = _config(**{'schedule.name': 'rsqrt', 'schedule.base_lr': 1.0,
+                      'schedule.warmup_steps': 100})
   schedule = optim.make_schedule(config, total_steps=10_000)
   assert _lr(schedule, 50) == pytest.approx(0.5)
   assert _lr(schedule, 100) == pytest.approx(1.0)
   assert _lr(schedule, 400) == pytest.approx(math.sqrt(100 / 400))   # sqrt(w/step)
-  config = _config(**{'lr.schedule': 'rsqrt', 'lr.base': 1.0, 'lr.warmup_steps': 0,
-                      'lr.timescale': 1000})
+  config = _config(**{'schedule.name': 'rsqrt', 'schedule.base_lr': 1.0,
+                      'schedule.warmup_steps': 0,
+                      'schedule.timescale': 1000})
   schedule = optim.make_schedule(config, total_steps=10_000)
   assert _lr(schedule, 0) == pytest.approx(1.0)
   assert _lr(schedule, 3000) == pytest.approx(0.5)                   # sqrt(1k/4k)
@@ -70,9 +78,9 @@ def test_rsqrt_with_and_without_warmup():
 
 def test_schedule_errors():
   with pytest.raises(ValueError, match='cosine.*linear.*rsqrt.*constant'):
-    optim.check_config(_config(**{'lr.schedule': 'cosin'}))
+    optim.check_config(_config(**{'schedule.name': 'cosin'}))
   with pytest.raises(ValueError, match='warmup_steps'):
-    optim.make_schedule(_config(**{'lr.warmup_steps': 101}), 100)
+    optim.make_schedule(_config(**{'schedule.warmup_steps': 101}), 100)
 
 
 # ------------------------------------------------------------------ optimizer
@@ -90,8 +98,8 @@ def _step(tx, params, grads, steps=1):
 
 @pytest.mark.parametrize('name', ['sgd', 'adamw', 'adam'])
 def test_weight_decay_only_on_masked_params(name):
-  config = _config(**{'optim.name': name, 'weight_decay': 0.1, 'lr.base': 0.5,
-                      'lr.schedule': 'constant', 'lr.warmup_steps': 0})
+  config = _config(**CONSTANT_LR, **{'optim.name': name, 'optim.weight_decay': 0.1,
+                                      'schedule.base_lr': 0.5})
   tx, _ = optim.make_optimizer(config, total_steps=10)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, _params())
   new, _ = _step(tx, _params(), zeros)
@@ -106,8 +114,8 @@ def test_adam_vs_adamw_weight_decay():
   grads = {'dense': {'kernel': jnp.full((3, 2), 0.01), 'bias': jnp.zeros((2,))}}
   out = {}
   for name in ('adam', 'adamw'):
-    config = _config(**{'optim.name': name, 'weight_decay': 0.1, 'lr.base': 0.01,
-                        'lr.schedule': 'constant', 'lr.warmup_steps': 0})
+    config = _config(**CONSTANT_LR, **{'optim.name': name, 'optim.weight_decay': 0.1,
+                                        'schedule.base_lr': 0.01})
     tx, _ = optim.make_optimizer(config, 10)
     out[name] = np.asarray(_step(tx, _params(), grads)[0]['dense']['kernel'])
   # First Adam step moves by ~lr regardless of the gradient's size.
@@ -116,19 +124,19 @@ def test_adam_vs_adamw_weight_decay():
 
 
 def test_wd_mask_matching_nothing_is_an_error():
-  config = _config(weight_decay=0.1, wd_mask='.*/kernal')
+  config = _config(**{'optim.weight_decay': 0.1, 'optim.wd_mask': '.*/kernal'})
   with pytest.raises(ValueError, match='matches no parameter'):
     param_rules.check_rules_select(config, _params())
 
 
 def test_clipping_bounds_the_update():
-  config = _config(**{'optim.name': 'sgd', 'optim.momentum': 0.0, 'grad_clip_norm': 1.0,
-                      'lr.base': 1.0, 'lr.schedule': 'constant', 'lr.warmup_steps': 0})
+  config = _config(**CONSTANT_LR, **{'optim.name': 'sgd', 'optim.momentum': 0.0,
+                                      'optim.grad_clip_norm': 1.0, 'schedule.base_lr': 1.0})
   tx, _ = optim.make_optimizer(config, 10)
   grads = jax.tree_util.tree_map(lambda p: 100.0 * jnp.ones_like(p), _params())
   updates, _ = tx.update(grads, tx.init(_params()), _params())
   assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-5)
-  config.grad_clip_norm = 0.0
+  config.optim.grad_clip_norm = 0.0
   tx, _ = optim.make_optimizer(config, 10)
   updates, _ = tx.update(grads, tx.init(_params()), _params())
   assert float(optax.global_norm(updates)) == pytest.approx(100 * math.sqrt(8))
@@ -141,9 +149,10 @@ def _traces(state):
 
 
 def test_sgd_momentum_nesterov_and_bf16_accumulator():
-  config = _config(**{'optim.name': 'sgd', 'optim.momentum': 0.9, 'optim.nesterov': True,
-                      'optim.accumulator_dtype': 'bfloat16', 'grad_clip_norm': 0.0,
-                      'lr.base': 1.0, 'lr.schedule': 'constant', 'lr.warmup_steps': 0})
+  config = _config(**CONSTANT_LR, **{
+      'optim.name': 'sgd', 'optim.momentum': 0.9, 'optim.nesterov': True,
+      'optim.accumulator_dtype': 'bfloat16', 'optim.grad_clip_norm': 0.0,
+      'schedule.base_lr': 1.0})
   tx, _ = optim.make_optimizer(config, 10)
   grads = jax.tree_util.tree_map(jnp.ones_like, _params())
   new, state = _step(tx, _params(), grads)

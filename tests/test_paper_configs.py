@@ -36,9 +36,11 @@ RUN_SPECS = ([f'vit_paper.py:ViT-B_16,{d}' for d in vit_paper.TASKS]
              + ['augreg_finetune.py:B_16'])
 # What a run needs to take seconds: 8 simulated devices, 16 mock examples, a
 # one-layer ViT-test_4 on 8 px inputs (2x2 patches).
-SHRINK = dict(image_size=8, batch_size=16, eval_batch_size=16, total_steps=3,
-              log_every=1, eval_every=3, checkpoint_every=3, write_plot=False,
-              tfds_reader='as_dataset', shuffle_buffer=16)
+SHRINK = dict(batch_size=16, total_steps=3, log_every=1, eval_every=3,
+              checkpoint_every=3, eval={'batch_size': 16},
+              input={'image_size': 8, 'tfds_reader': 'as_dataset',
+                     'shuffle_buffer': 16},
+              metrics={'write_plot': False})
 
 
 def parse(spec: str):
@@ -62,12 +64,12 @@ def test_parses_with_the_paper_recipe_and_builds(spec):
   config = parse(spec)
   assert (config.optim.name, config.optim.momentum, config.batch_size) == (
       'sgd', 0.9, 512)
-  assert (config.grad_clip_norm, config.weight_decay) == (1.0, 0.0)
-  assert (config.lr.schedule, config.image_size) == ('cosine', 384)
+  assert (config.optim.grad_clip_norm, config.optim.weight_decay) == (1.0, 0.0)
+  assert (config.schedule.name, config.input.image_size) == ('cosine', 384)
   assert (config.pp.train_crop, config.pp.flip, config.pp.eval_crop_fraction) == (
       'inception', True, 1.0)
   assert config.pretrained_path.startswith('gs://vit_models/')
-  assert 0 < config.lr.warmup_steps < config.total_steps
+  assert 0 < config.schedule.warmup_steps < config.total_steps
   params = abstract_params(config.model.name, 384, NUM_CLASSES[config.dataset])
   patch = models.get_model_config(config.model.name).patch_size[0]
   hidden = params['head']['kernel'].shape[0]
@@ -84,12 +86,12 @@ def test_step_counts_and_rates_of_the_paper_table():
   assert parse('cifar.py:ViT-B_16,cifar100').to_dict() == parse(
       'vit_paper.py:ViT-B_16,cifar100').to_dict()
   b16 = parse('vit_b16.py')
-  assert (b16.lr.base, b16.train_split, b16.eval_splits) == (
+  assert (b16.schedule.base_lr, b16.input.train_split, b16.eval.splits) == (
       0.03, 'train[:99%]', 'validation')
   augreg = parse('augreg_finetune.py:L_16')
   assert augreg.pretrained_path == ('gs://vit_models/augreg/L_16-i21k-300ep-lr_0.001-'
                                     'aug_strong1-wd_0.1-do_0.0-sd_0.0.npz')
-  assert (augreg.model.name, augreg.lr.base, augreg.total_steps) == (
+  assert (augreg.model.name, augreg.schedule.base_lr, augreg.total_steps) == (
       'ViT-L_16', 0.01, 20_000)
   with pytest.raises(ValueError, match='dataset in'):
     vit_paper.get_config('ViT-B_16,mnist')
@@ -128,11 +130,11 @@ def test_runs_a_few_steps_on_mock_data(spec, tiny_pretrained, tmp_path):
   config.update(SHRINK)
   config.model.name = 'ViT-test_4'  # The recipe (optimizer, schedule, pp) stays.
   config.model.num_layers = 1
-  config.lr.warmup_steps = 1
+  config.schedule.warmup_steps = 1
   config.pretrained_path = tiny_pretrained
   with tfds.testing.mock_data(num_examples=16):
     final = trainer.train_and_evaluate(config, str(tmp_path / 'w'))
-  split = evaluation.split_name(config.eval_splits)
+  split = evaluation.split_name(config.eval.splits)
   assert final[f'eval_{split}_count'] == 16
   losses = [r['train_loss'] for r in metrics.read_metrics(str(tmp_path / 'w'))
             if 'train_loss' in r]
@@ -142,9 +144,10 @@ def test_runs_a_few_steps_on_mock_data(spec, tiny_pretrained, tmp_path):
 
 
 def test_as_dataset_reader_gives_the_same_data_as_the_shards(tmp_path):
-  """config.tfds_reader='as_dataset' (what mock_data needs) on real data."""
-  shards = tiny_config(tmp_path, eval_batch_size=100)
-  other = tiny_config(tmp_path, eval_batch_size=100, tfds_reader='as_dataset')
+  """config.input.tfds_reader='as_dataset' (what mock_data needs) on real data."""
+  shards = tiny_config(tmp_path, eval={'batch_size': 100})
+  other = tiny_config(tmp_path, eval={'batch_size': 100},
+                      input={'tfds_reader': 'as_dataset'})
   assert data.get_dataset_info(other) == data.get_dataset_info(shards)
   for a, b in zip(data.eval_iterator(shards, 'test', local_batch_size=100),
                   data.eval_iterator(other, 'test', local_batch_size=100)):
@@ -154,4 +157,4 @@ def test_as_dataset_reader_gives_the_same_data_as_the_shards(tmp_path):
   for key, value in first(shards).items():  # cache=True: same decoded split
     np.testing.assert_array_equal(value, first(other)[key])
   with pytest.raises(ValueError, match='tfds_reader'):
-    data.get_dataset_info(tiny_config(tmp_path, tfds_reader='files'))
+    data.check_config(tiny_config(tmp_path, input={'tfds_reader': 'files'}))

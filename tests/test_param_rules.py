@@ -12,13 +12,14 @@ from vit_jax import optim
 from vit_jax import param_rules
 
 
-def _config(**overrides):
+def _config(**optim_keys):
+  """Defaults at a constant lr of 0.1, with `optim_keys` set in config.optim."""
   config = common.get_config()
   config.total_steps = 10
-  config.lr.warmup_steps = 0
-  config.lr.schedule = 'constant'
-  config.lr.base = 0.1
-  config.update(overrides)
+  config.schedule.warmup_steps = 0
+  config.schedule.name = 'constant'
+  config.schedule.base_lr = 0.1
+  config.optim.update(optim_keys)
   return config
 
 
@@ -101,7 +102,7 @@ def test_layer_ids_of_a_mixer_and_a_hybrid():
 @pytest.mark.parametrize('name', ['sgd', 'adamw'])
 def test_frozen_params_do_not_change(name):
   config = _config(frozen='embedding/.*|Transformer/encoderblock_0/.*',
-                   weight_decay=0.1, **{'optim': dict(name=name)})
+                   weight_decay=0.1, name=name)
   params = _ones()
   tx, _ = optim.make_optimizer(config, 10)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
@@ -121,8 +122,8 @@ def test_frozen_params_do_not_change(name):
 def test_frozen_gradients_do_not_count_in_clipping():
   params = {'a': jnp.ones(4), 'b': jnp.ones(4)}
   grads = {'a': jnp.full(4, 0.1), 'b': jnp.full(4, 1e6)}
-  plain = _config(grad_clip_norm=1.0, **{'optim': dict(name='sgd', momentum=0.0)})
-  frozen = _config(grad_clip_norm=1.0, frozen='b', **{'optim': dict(name='sgd', momentum=0.0)})
+  plain = _config(grad_clip_norm=1.0, name='sgd', momentum=0.0)
+  frozen = _config(grad_clip_norm=1.0, frozen='b', name='sgd', momentum=0.0)
   want, _, _ = _updates(optim.make_optimizer(plain, 10)[0], {'a': params['a']},
                         {'a': grads['a']})
   got, _, _ = _updates(optim.make_optimizer(frozen, 10)[0], params, grads)
@@ -138,9 +139,9 @@ def test_lr_multiplier_scales_the_update_exactly(name, steps, wd):
   # parameters that the multipliers have already moved apart.
   params = _ones()
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
-  base = _config(weight_decay=wd, **{'optim': dict(name=name)})
+  base = _config(weight_decay=wd, name=name)
   ruled = _config(weight_decay=wd, lr_mults=(('head/.*', 10.0), ('.*/bias', 0.25)),
-                  **{'optim': dict(name=name)})
+                  name=name)
   want, _, _ = _updates(optim.make_optimizer(base, 10)[0], params, grads, steps)
   got, _, _ = _updates(optim.make_optimizer(ruled, 10)[0], params,
                        grads, steps)
@@ -166,7 +167,7 @@ def test_layer_decay_multipliers_per_block():
 def test_layer_decay_in_the_optimizer():
   params = _ones()
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
-  sgd = {'optim': dict(name='sgd', momentum=0.0)}
+  sgd = dict(name='sgd', momentum=0.0)
   want, _, _ = _updates(optim.make_optimizer(_config(**sgd), 10)[0], params, grads)
   got, _, _ = _updates(optim.make_optimizer(_config(layer_decay=0.5, **sgd), 10)[0],
                        params, grads)
@@ -177,8 +178,8 @@ def test_layer_decay_in_the_optimizer():
 
 # ------------------------------------------------------------------ validation
 @pytest.mark.parametrize('overrides,message', [
-    (dict(frozen='embedding/('), r"config.frozen 'embedding/\(' is not a regex"),
-    (dict(lr_mults=(('head/[', 2.0),)), r'config.lr_mults\[0\] .* is not a regex'),
+    (dict(frozen='embedding/('), r"config.optim.frozen 'embedding/\(' is not a regex"),
+    (dict(lr_mults=(('head/[', 2.0),)), r'config.optim.lr_mults\[0\] .* is not a regex'),
     (dict(lr_mults=(('head/.*',),)), r'lr_mults\[0\] must be a \(regex, multiplier'),
     (dict(lr_mults=(('head/.*', -1.0),)), r'lr_mults\[0\] must be'),
     (dict(layer_decay=0.0), r'layer_decay must be in \(0, 1\]'),
@@ -190,10 +191,10 @@ def test_malformed_rules_are_errors_without_params(overrides, message):
 
 
 @pytest.mark.parametrize('overrides,message', [
-    (dict(frozen='embeding/.*'), r"config.frozen 'embeding/\.\*' matches no parameter"),
+    (dict(frozen='embeding/.*'), r"config.optim.frozen 'embeding/\.\*' matches no parameter"),
     (dict(frozen='.*'), 'matches every parameter: nothing would train'),
     (dict(lr_mults=(('head/.*', 2.0), ('haed/.*', 2.0))),
-     r"config.lr_mults\[1\] 'haed/\.\*' applies to no parameter: it matches no"),
+     r"config.optim.lr_mults\[1\] 'haed/\.\*' applies to no parameter: it matches no"),
     (dict(lr_mults=(('.*', 2.0), ('head/.*', 2.0))),
      r'lr_mults\[1\] .* every parameter it matches is taken by an earlier rule'),
 ])

@@ -3,6 +3,10 @@ they rely on: parsed as train.py parses them, checked against their sources'
 numbers, and trained for a few steps on `tfds.testing.mock_data` with a tiny
 model swapped in (the same approach and shrink as tests/test_paper_configs.py)."""
 
+import ast
+import glob
+import os
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -11,11 +15,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import augreg
+from configs import common
 from configs import deit_s
 from configs import fashion_mnist_long
 from configs import vit_s16_i1k
 from test_paper_configs import parse
 from test_paper_configs import SHRINK
+from vit_jax import config_keys
 from vit_jax import evaluation
 from vit_jax import metrics
 from vit_jax import models
@@ -26,6 +32,42 @@ from vit_jax.models import vit
 
 
 # ------------------------------------------------------------------ recipes
+def _assignments(path):
+  """(line, dotted key, value) of each `config.<key> = <literal>` in a file."""
+  for node in ast.walk(ast.parse(open(path).read())):
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+      continue
+    target, parts = node.targets[0], []
+    while isinstance(target, ast.Attribute):
+      parts.append(target.attr)
+      target = target.value
+    if isinstance(target, ast.Name) and target.id == 'config' and parts:
+      try:
+        value = ast.literal_eval(node.value)
+      except ValueError:
+        continue  # Computed from the recipe's arguments.
+      yield node.lineno, '.'.join(reversed(parts)), value
+
+
+def test_recipes_set_only_what_differs_from_the_defaults():
+  """Each config that starts from configs/common.py states its differences."""
+  defaults = common.get_config()
+  restated = []
+  root = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
+  for path in glob.glob(os.path.join(root, '**', '*.py'), recursive=True):
+    source = open(path).read()
+    if path.endswith('common.py') or 'common.get_config()' not in source:
+      continue  # A recipe built on another recipe overrides that one.
+    for line, key, value in _assignments(path):
+      try:
+        default = config_keys.lookup(defaults, key)
+      except (KeyError, AttributeError):
+        continue  # A key the defaults leave to the recipe (model fields).
+      if type(value) is type(default) and value == default:
+        restated.append(f'{os.path.relpath(path, root)}:{line} {key} = {value!r}')
+  assert not restated, restated
+
+
 @pytest.mark.parametrize('epochs', vit_s16_i1k.EPOCHS)
 def test_plain_vit_baseline(epochs):
   config = parse(f'vit_s16_i1k.py:epochs={epochs}')
@@ -34,11 +76,11 @@ def test_plain_vit_baseline(epochs):
   m = config.model
   assert (m.name, m.classifier, m.posemb, m.representation_size) == (
       'ViT-S_16', 'gap', 'sincos2d', 384)
-  assert (config.optim.name, config.optim.b2, config.lr.base) == ('adamw', 0.999, 1e-3)
+  assert (config.optim.name, config.optim.b2, config.schedule.base_lr) == ('adamw', 0.999, 1e-3)
   # big_vision's decoupled wd 1e-4 is not lr-scaled; ours is: 1e-4 / lr.
-  assert config.weight_decay * config.lr.base == pytest.approx(1e-4)
-  assert (config.batch_size, config.lr.warmup_steps, config.lr.schedule,
-          config.grad_clip_norm) == (1024, 10_000, 'cosine', 1.0)
+  assert config.optim.weight_decay * config.schedule.base_lr == pytest.approx(1e-4)
+  assert (config.batch_size, config.schedule.warmup_steps, config.schedule.name,
+          config.optim.grad_clip_norm) == (1024, 10_000, 'cosine', 1.0)
   assert (config.pp.train_crop, config.pp.randaugment_layers,
           config.pp.randaugment_magnitude) == ('inception', 2, 10)
   assert (config.mixup.mixup_alpha, config.mixup.cutmix_alpha) == (0.2, 0.0)
@@ -60,10 +102,11 @@ def test_augreg_levels_and_arguments():
   config = parse('augreg.py:variant=L/16,aug=strong1,wd=0.03,do=0.1,sd=0.1,data=i1k')
   assert (config.model.name, config.model.dropout_rate,
           config.model.stochastic_depth) == ('ViT-L_16', 0.1, 0.1)
-  assert (config.weight_decay, config.dataset) == (0.03, 'imagenet2012')
+  assert (config.optim.weight_decay, config.dataset) == (0.03, 'imagenet2012')
   default = parse('augreg.py')
   assert (default.model.name, default.dataset, default.batch_size,
-          default.total_epochs, default.lr.base, default.weight_decay) == (
+          default.total_epochs, default.schedule.base_lr,
+          default.optim.weight_decay) == (
               'ViT-B_16', 'imagenet21k', 4096, 300, 1e-3, 0.1)
   for bad in ('aug=extreme', 'variant=H/14', 'wd=0.5', 'lr=0.1', 'medium1'):
     with pytest.raises(ValueError, match='configs/augreg.py'):
@@ -75,11 +118,11 @@ def test_augreg_levels_and_arguments():
 def test_deit_s():
   config = parse('deit_s.py')
   assert (config.model.name, config.model.stochastic_depth) == ('ViT-S_16', 0.1)
-  assert (config.optim.name, config.lr.base, config.weight_decay) == (
+  assert (config.optim.name, config.schedule.base_lr, config.optim.weight_decay) == (
       'adamw', pytest.approx(1e-3), 0.05)
-  assert (config.batch_size, config.total_epochs, config.lr.warmup_steps) == (
+  assert (config.batch_size, config.total_epochs, config.schedule.warmup_steps) == (
       1024, 300, 6256)
-  assert (config.label_smoothing, config.ema_decay) == (0.1, 0.99996)
+  assert (config.train.label_smoothing, config.train.ema_decay) == (0.1, 0.99996)
   assert dict(config.mixup) == dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
                                     switch_prob=0.5)
   assert (config.pp.randaugment_layers, config.pp.randaugment_magnitude,
@@ -102,17 +145,17 @@ def test_fashion_mnist_long_trains_its_own_model_offline(tmp_path):
   config = parse('fashion_mnist_long.py')
   assert fashion_mnist_long.__doc__ and config.model.conv_stem == (32, 64, 128)
   assert config.model.conv_stem_depth == 2
-  assert (config.pp.train_crop, config.pp.crop_padding, config.ema_decay) == (
+  assert (config.pp.train_crop, config.pp.crop_padding, config.train.ema_decay) == (
       'pad', 2, 0.999)
   run_setup.check_config(config)
-  config.update(dict(batch_size=16, eval_batch_size=16, total_steps=3,
-                     log_every=1, eval_every=3, checkpoint_every=3,
-                     write_plot=False, eval_splits='test[:32]'))
+  config.update(dict(batch_size=16, total_steps=3, log_every=1, eval_every=3,
+                     checkpoint_every=3, metrics={'write_plot': False},
+                     eval={'batch_size': 16, 'splits': 'test[:32]'}))
   config.total_epochs = None
-  config.lr.warmup_steps = 1
+  config.schedule.warmup_steps = 1
   workdir = str(tmp_path / 'w')
   final = trainer.train_and_evaluate(config, workdir)
-  split = evaluation.split_name(config.eval_splits)
+  split = evaluation.split_name(config.eval.splits)
   assert final[f'eval_{split}_count'] == 32
   assert np.isfinite(final[f'eval_{split}_top1'])
   assert np.isfinite(final[f'eval_{split}_ema_top1'])
@@ -129,16 +172,16 @@ def test_runs_a_few_steps_on_mock_data(spec, tmp_path):
   config.update(SHRINK)
   config.model.name = 'ViT-test_4'  # The recipe (model fields, optimizer, pp) stays.
   config.model.num_layers = 1
-  config.lr.warmup_steps = 1
+  config.schedule.warmup_steps = 1
   workdir = str(tmp_path / 'w')
   with tfds.testing.mock_data(num_examples=16):
     final = trainer.train_and_evaluate(config, workdir)
   losses = [r['train_loss'] for r in metrics.read_metrics(workdir)
             if 'train_loss' in r]
   assert len(losses) == 3 and np.all(np.isfinite(losses))
-  split = evaluation.split_name(config.eval_splits.split(',')[-1])
+  split = evaluation.split_name(config.eval.splits.split(',')[-1])
   assert np.isfinite(final[f'eval_{split}_top1'])
-  has_ema = config.ema_decay > 0
+  has_ema = config.train.ema_decay > 0
   assert (f'eval_{split}_ema_top1' in final) == has_ema
 
 
@@ -179,7 +222,7 @@ def test_default_wd_mask_decays_only_the_kernels_of_a_vit():
   model = models.create_model('ViT-B_16', 1000)
   params = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))['params']
-  mask = param_rules.regex_mask(params, parse('deit_s.py').wd_mask)
+  mask = param_rules.regex_mask(params, parse('deit_s.py').optim.wd_mask)
   paths = param_rules.tree_paths(params)
   decayed = {p for p, m in zip(jax.tree.leaves(paths), jax.tree.leaves(mask)) if m}
   kept = set(jax.tree.leaves(paths)) - decayed

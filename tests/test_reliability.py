@@ -76,10 +76,10 @@ def _args(workdir, data_dir, *extra):
       data_dir, f'--workdir={workdir}', '--config.model.num_layers=1',
       '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
       '--config.model.dropout_rate=0.1', f'--config.total_steps={TOTAL}',
-      '--config.lr.warmup_steps=2', '--config.log_every=1',
-      '--config.batch_size=16', '--config.eval_batch_size=32',
-      '--config.eval_splits=test[:32]', '--config.eval_every=1000',
-      '--config.checkpoint_every=4', '--config.write_plot=False', *extra)
+      '--config.schedule.warmup_steps=2', '--config.log_every=1',
+      '--config.batch_size=16', '--config.eval.batch_size=32',
+      '--config.eval.splits=test[:32]', '--config.eval_every=1000',
+      '--config.checkpoint_every=4', '--config.metrics.write_plot=False', *extra)
 
 
 def _start(args, env, fault=None):
@@ -216,8 +216,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
 
 def _config(data_dir, **overrides):
   """test_train's tiny config, one block, logging and saving every 4 steps."""
-  values = dict(model={'num_layers': 1}, eval_splits='test[:64]', log_every=4,
-                eval_every=8, checkpoint_every=4)
+  values = dict(model={'num_layers': 1}, eval={'splits': 'test[:64]'},
+                log_every=4, eval_every=8, checkpoint_every=4)
   values.update(overrides)
   return tiny_config(data_dir, **values)
 
@@ -267,7 +267,7 @@ def _restore_latest(config, workdir):
   model = models.create_model(config.model, 10)
   tx, _ = optim.make_optimizer(config, config.total_steps)
   init = functools.partial(steps.create_train_state, model, tx,
-                           (config.image_size,) * 2 + (config.channels,),
+                           (config.input.image_size,) * 2 + (config.input.channels,),
                            config.seed)
   mesh = parallel.make_mesh()
   abstract = jax.eval_shape(init)
@@ -341,8 +341,9 @@ def test_skip_step_leaves_the_state_unchanged_and_counts(data_dir, tmp_path,
   train_with_faults.install('nan:3', patch=monkeypatch.setattr)
   workdir = tmp_path / 'skip'
   trainer.train_and_evaluate(
-      _config(data_dir, nan_policy='skip_step', total_steps=5, log_every=1,
-              checkpoint_every=1, keep_checkpoints=10, eval_every=5),
+      _config(data_dir, total_steps=5, log_every=1, checkpoint_every=1,
+              eval_every=5, train={'nan_policy': 'skip_step'},
+              checkpoint={'keep': 10}),
       str(workdir))
   skipped = [r['skipped_steps'] for r in metrics.read_metrics(str(workdir))
              if 'train_loss' in r]

@@ -240,8 +240,8 @@ def test_match_block_layout_follows_the_model(unrolled_params):
 def test_train_step_with_scan_and_remat_matches_unrolled(unrolled_params):
   config = common.get_config()
   config.optim.name = 'sgd'
-  config.lr.base = 0.1
-  config.lr.warmup_steps = 0
+  config.schedule.base_lr = 0.1
+  config.schedule.warmup_steps = 0
   tx, _ = optim.make_optimizer(config, total_steps=10)
   batch = {'image': IMAGES, 'label': np.arange(8, dtype=np.int32)}
 

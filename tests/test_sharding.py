@@ -151,14 +151,17 @@ def _abstract_params(**model_overrides):
 
 
 @pytest.mark.parametrize('overrides,model_size,message', [
-    (dict(sharding='zero3'), 1, "'zero3' is not a preset"),
-    (dict(sharding=(('.*', 'fsdp+tp'),)), 1, "strategy 'fsdp\\+tp' is unknown"),
-    (dict(sharding=(('.*', 'replicate+fsdp'),)), 1, 'is unknown'),
-    (dict(sharding=(('.*/kernal', 'fsdp'),)), 1, 'applies to no parameter: it matches no'),
-    (dict(sharding=(('.*', 'fsdp'), ('head/.*', 'model'))), 1,
+    (dict(sharding={'rules': 'zero3'}), 1, "'zero3' is not a preset"),
+    (dict(sharding={'rules': (('.*', 'fsdp+tp'),)}), 1,
+     "strategy 'fsdp\\+tp' is unknown"),
+    (dict(sharding={'rules': (('.*', 'replicate+fsdp'),)}), 1, 'is unknown'),
+    (dict(sharding={'rules': (('.*/kernal', 'fsdp'),)}), 1,
+     'applies to no parameter: it matches no'),
+    (dict(sharding={'rules': (('.*', 'fsdp'), ('head/.*', 'model'))}), 1,
      'taken by an earlier rule'),
-    (dict(sharding=(('head/.*', 'model'),)), 1, 'selects no attention'),
-    (dict(sharding='model'), 4, 'config.mesh.model=4 does not divide num_heads=2'),
+    (dict(sharding={'rules': (('head/.*', 'model'),)}), 1, 'selects no attention'),
+    (dict(sharding={'rules': 'model'}), 4,
+     'config.mesh.model=4 does not divide num_heads=2'),
 ])
 def test_bad_rules_are_refused(overrides, model_size, message):
   with pytest.raises(ValueError, match=message):
@@ -168,19 +171,21 @@ def test_bad_rules_are_refused(overrides, model_size, message):
 
 def test_model_axis_must_divide_mlp_dim():
   params = _abstract_params(num_heads=4, mlp_dim=34)
-  sharding.check_rules_select(_config(sharding='model'), params,
+  sharding.check_rules_select(_config(sharding={'rules': 'model'}), params,
                               parallel.make_mesh(model=2))
   with pytest.raises(ValueError, match='model=4 does not divide mlp_dim=34 of '
                      'Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias'):
-    sharding.check_rules_select(_config(sharding='model'), params,
+    sharding.check_rules_select(_config(sharding={'rules': 'model'}), params,
                                 parallel.make_mesh(model=4))
 
 
 @pytest.mark.parametrize('overrides,message', [
-    (dict(parallelism='shard_map', sharding='fsdp'), "parallelism='shard_map'"),
-    (dict(parallelism='shard_map', mesh=dict(model=2)), "parallelism='shard_map'"),
+    (dict(train={'parallelism': 'shard_map'}, sharding={'rules': 'fsdp'}),
+     "parallelism='shard_map'"),
+    (dict(train={'parallelism': 'shard_map'}, mesh=dict(model=2)),
+     "parallelism='shard_map'"),
     (dict(mesh=dict(model=0)), 'config.mesh.model must be a positive integer'),
-    (dict(fsdp_min_size=-1), 'config.fsdp_min_size'),
+    (dict(sharding={'fsdp_min_size': -1}), 'config.sharding.fsdp_min_size'),
 ])
 def test_config_errors_before_compiling(overrides, message):
   config = _config(total_steps=10)
@@ -219,8 +224,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_trainer_resumes_a_2d_sharded_run_with_replicated_params(data_dir, tmp_path):
-  sharded = dict(sharding='fsdp+model', mesh={'model': 2}, fsdp_min_size=0,
-                 model={'num_layers': 1}, eval_splits='test[:64]', total_steps=4,
+  sharded = dict(sharding={'rules': 'fsdp+model', 'fsdp_min_size': 0},
+                 mesh={'model': 2}, model={'num_layers': 1},
+                 eval={'splits': 'test[:64]'}, total_steps=4,
                  checkpoint_every=2, eval_every=4)
   workdir = str(tmp_path / 'sharded')
   trainer.train_and_evaluate(tiny_config(data_dir, **sharded), workdir)
@@ -228,7 +234,8 @@ def test_trainer_resumes_a_2d_sharded_run_with_replicated_params(data_dir, tmp_p
   shutil.copytree(workdir, resumed)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '4'))  # Stopped at 2.
   trainer.train_and_evaluate(
-      tiny_config(data_dir, **dict(sharded, sharding='replicate', mesh={'model': 1})),
+      tiny_config(data_dir, **dict(sharded, sharding={'rules': 'replicate'},
+                                   mesh={'model': 1})),
       resumed)
   _assert_trees_close(checkpoint.load_params(resumed), checkpoint.load_params(workdir))
   steps_logged = [r['step'] for r in metrics.read_metrics(resumed) if 'train_loss' in r]

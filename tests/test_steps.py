@@ -31,7 +31,7 @@ def _batches(num, batch_size, seed=0):
 def _train(num_devices, parallelism='jit', accum_steps=1, num_steps=3, **model_kw):
   """Runs `num_steps` steps on a `num_devices` mesh; returns params as numpy."""
   mesh = parallel.make_mesh(num_devices)
-  config = _config(accum_steps=accum_steps)
+  config = _config(train={'accum_steps': accum_steps})
   model = models.create_model('ViT-test_4', 10, **model_kw)
   tx, _ = optim.make_optimizer(config, total_steps=10)
   init = functools.partial(steps.create_train_state, model, tx, IMAGE_SHAPE, 0)

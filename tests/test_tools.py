@@ -196,7 +196,7 @@ def test_evaluate_cli_with_config_overrides_and_npz(workdir, data_dir, tmp_path,
   args = quickstart_on_digits(
       data_dir, '--config.model.hidden_size=32', '--config.model.num_layers=2',
       '--config.model.num_heads=2', '--config.model.mlp_dim=64',
-      '--config.eval_batch_size=96', '--split=train[:100],test')
+      '--config.eval.batch_size=96', '--split=train[:100],test')
   assert _run(evaluate, *args, f'--checkpoint={npz}', f'--json_out={out}') == 0
   report = json.loads(out.read_text())
   assert report['eval_train_100_count'] == 100 and report['eval_test_count'] == 500

@@ -98,23 +98,23 @@ def test_resume_refuses_a_different_run(finished_run, data_dir, tmp_path):
 
 def test_shard_map_and_accumulation_run_end_to_end(data_dir, tmp_path):
   final = trainer.train_and_evaluate(
-      tiny_config(data_dir, parallelism='shard_map', accum_steps=2, total_steps=2,
-                  eval_every=2, checkpoint_every=2),
+      tiny_config(data_dir, total_steps=2, eval_every=2, checkpoint_every=2,
+                  train={'parallelism': 'shard_map', 'accum_steps': 2}),
       str(tmp_path / 'w'))
   assert final['eval_test_count'] == 500
 
 
 @pytest.mark.parametrize('overrides,message', [
     (dict(batch_size=12), 'batch_size 12 is not divisible by the 8 devices'),
-    (dict(image_size=18), 'image size 18 is not divisible by the patch size 4x4'),
+    (dict(input={'image_size': 18}),
+     'image size 18 is not divisible by the patch size 4x4'),
     (dict(dataset='no_such_dataset'), 'no_such_dataset'),
-    (dict(eval_splits='validation'), 'validation'),
-    (dict(lr=dict(base=-1.0)), 'config.lr.base must be a positive'),
+    (dict(eval={'splits': 'validation'}), 'validation'),
+    (dict(schedule={'base_lr': -1.0}), 'config.schedule.base_lr must be a positive'),
     (dict(total_steps=0), 'config.total_steps must be a positive integer'),
 ])
 def test_bad_input_fails_before_compiling(data_dir, tmp_path, overrides, message):
   config = tiny_config(data_dir)
-  config.unlock()
   config.update(overrides)
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     trainer.train_and_evaluate(config, str(tmp_path / 'w'))
@@ -142,15 +142,15 @@ def _tiny_quickstart(workdir, data_dir, *extra, **model):
   return quickstart_on_digits(
       data_dir, f'--workdir={workdir}', '--config.model.num_layers=1',
       '--config.model.hidden_size=32', '--config.model.mlp_dim=32',
-      '--config.lr.warmup_steps=1', '--config.batch_size=16',
-      '--config.eval_batch_size=100', *extra, **model)
+      '--config.schedule.warmup_steps=1', '--config.batch_size=16',
+      '--config.eval.batch_size=100', *extra, **model)
 
 
 def test_train_py_cli_overrides_and_writes_workdir(data_dir, tmp_path):
   workdir = tmp_path / 'cli'
   proc = _run_train_py(*_tiny_quickstart(
       workdir, data_dir, '--config.total_steps=3', '--config.log_every=1',
-      '--config.write_plot=True'))
+      '--config.metrics.write_plot=True'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'step 3/3 (100%)' in proc.stderr
   steps = [r['step'] for r in metrics.read_metrics(str(workdir)) if 'train_loss' in r]
@@ -177,7 +177,7 @@ def test_train_py_reports_config_errors_without_a_traceback(tmp_path):
 def test_train_py_splits_the_cpu_into_config_cpu_devices(data_dir, tmp_path):
   proc = _run_train_py(*_tiny_quickstart(
       tmp_path / 'w', data_dir, '--config.total_steps=2',
-      '--config.write_plot=False', conv_stem='(8,)', patch_size='(2,2)',
+      '--config.metrics.write_plot=False', conv_stem='(8,)', patch_size='(2,2)',
       cpu_devices=2))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '2 local / 2 global devices' in proc.stderr

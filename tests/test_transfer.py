@@ -30,15 +30,17 @@ SMALL_VIT = {'model.hidden_size': 64, 'model.num_layers': 2,
              'model.num_heads': 2, 'model.mlp_dim': 128}
 # The pre-training recipe is pinned here (not taken from configs/quickstart.py),
 # so tuning the quickstart cannot move this test's margin.
-PRETRAIN = {'image_size': 16, 'total_steps': 500, 'batch_size': 64,
-            'train_split': 'train[:16000]', 'eval_splits': 'test[:1000]',
-            'eval_batch_size': 200, 'optim.name': 'adamw', 'lr.base': 2e-3,
-            'lr.warmup_steps': 100, 'lr.schedule': 'cosine', 'weight_decay': 0.05,
-            'grad_clip_norm': 1.0, 'pp.train_crop': 'random', 'pp.flip': True,
-            'label_smoothing': 0.0, 'write_plot': False}
-FINETUNE = {'image_size': 24, 'total_steps': 150, 'batch_size': 32,
-            'lr.warmup_steps': 10, 'log_every': 50, 'eval_every': 150,
-            'checkpoint_every': 150, 'write_plot': False}
+PRETRAIN = {'input.image_size': 16, 'total_steps': 500, 'batch_size': 64,
+            'input.train_split': 'train[:16000]', 'eval.splits': 'test[:1000]',
+            'eval.batch_size': 200, 'optim.name': 'adamw',
+            'schedule.base_lr': 2e-3, 'schedule.warmup_steps': 100,
+            'schedule.name': 'cosine', 'optim.weight_decay': 0.05,
+            'optim.grad_clip_norm': 1.0, 'pp.train_crop': 'random',
+            'pp.flip': True, 'train.label_smoothing': 0.0,
+            'metrics.write_plot': False}
+FINETUNE = {'input.image_size': 24, 'total_steps': 150, 'batch_size': 32,
+            'schedule.warmup_steps': 10, 'log_every': 50, 'eval_every': 150,
+            'checkpoint_every': 150, 'metrics.write_plot': False}
 # Digits test top-1 measured on 8 simulated CPU devices with this budget
 # (pre-training 0.689 on test[:1000]), fine-tune seeds 0, 1, 2: fine-tuned 0.640,
 # 0.624, 0.640 vs. scratch 0.408, 0.430, 0.414. Variants (pre-training seed 1, or
@@ -47,9 +49,9 @@ MARGIN = 0.1
 
 
 def override(config, data_dir, **values):
-  """`config` with dotted keys set ('lr.base': ...), relocked."""
+  """`config` with dotted keys set ('schedule.base_lr': ...), relocked."""
   config.unlock()
-  config.data_dir = str(data_dir)
+  config.input.data_dir = str(data_dir)
   for key, value in values.items():
     node = config
     *parents, leaf = key.split('.')
@@ -125,9 +127,9 @@ def test_finetune_from_a_workdir_with_new_classes_and_resolution(
   """10 classes at 16 px -> 3 classes at 24 px, first block frozen."""
   source, data_dir = tiny_pretrained
   config = tiny_config(
-      data_dir, dataset=write_folder(tmp_path / 'images'), image_size=24,
-      pretrained_path=source, frozen='Transformer/encoderblock_0/.*',
-      lr_mults=(('head/.*', 10.0),), eval_batch_size=16)
+      data_dir, dataset=write_folder(tmp_path / 'images'), pretrained_path=source,
+      **{'input.image_size': 24, 'optim.frozen': 'Transformer/encoderblock_0/.*',
+         'optim.lr_mults': (('head/.*', 10.0),), 'eval.batch_size': 16})
   workdir = str(tmp_path / 'finetune')
   with caplog.at_level(logging.INFO, logger='absl'):
     trainer.train_and_evaluate(config, workdir)

@@ -34,14 +34,14 @@ def _config(data_dir, overrides):
   config = common.get_config()
   config.model = models.model_section('ViT-test_4', num_layers=1)
   config.dataset = 'digits'
-  config.data_dir = str(data_dir)
-  config.image_size = 16
-  config.channels = 1
+  config.input.data_dir = str(data_dir)
+  config.input.image_size = 16
+  config.input.channels = 1
   config.batch_size = 32
-  config.eval_batch_size = 64
+  config.eval.batch_size = 64
   config.total_steps = 8
-  config.lr.warmup_steps = 2
-  config.write_plot = False
+  config.schedule.warmup_steps = 2
+  config.metrics.write_plot = False
   config.lock()
   config.update(overrides)
   return config
@@ -88,44 +88,48 @@ CASES = {
                         'config.batch_size must be a positive integer, got 0'),
     'batch_size_bool': ({'batch_size': True}, None,
                         'config.batch_size must be a positive integer, got True'),
-    'image_size_none': ({'image_size': None}, None,
-                        'config.image_size must be a positive integer, got None'),
+    'image_size_none': ({'input': {'image_size': None}}, None,
+                        'config.input.image_size must be a positive integer, '
+                        'got None'),
     'total_steps_negative': ({'total_steps': -5}, None,
                              'config.total_steps must be a positive integer'),
     'no_duration': ({'total_steps': None}, None,
                     'set config.total_steps or config.total_epochs'),
-    'lr_zero': ({'lr': {'base': 0.0}}, None, 'config.lr.base must be a positive'),
-    'lr_nan': ({'lr': {'base': float('nan')}}, None,
-               'config.lr.base must be a positive number, got nan'),
-    'warmup_longer_than_run': ({'lr': {'warmup_steps': 100}}, None,
+    'lr_zero': ({'schedule': {'base_lr': 0.0}}, None,
+                'config.schedule.base_lr must be a positive'),
+    'lr_nan': ({'schedule': {'base_lr': float('nan')}}, None,
+               'config.schedule.base_lr must be a positive number, got nan'),
+    'warmup_longer_than_run': ({'schedule': {'warmup_steps': 100}}, None,
                                'warmup_steps 100 exceeds config.total_steps 8'),
     'unknown_optimizer': ({'optim': {'name': 'lamb'}}, None,
                           r"config.optim.name 'lamb' not in \('sgd'"),
-    'unknown_schedule': ({'lr': {'schedule': 'step'}}, None,
-                         r"config.lr.schedule 'step' not in \('cosine'"),
-    'label_smoothing_one': ({'label_smoothing': 1.0}, None,
+    'unknown_schedule': ({'schedule': {'name': 'step'}}, None,
+                         r"config.schedule.name 'step' not in \('cosine'"),
+    'label_smoothing_one': ({'train': {'label_smoothing': 1.0}}, None,
                             r'label_smoothing must be in \[0, 1\)'),
-    'grad_clip_negative': ({'grad_clip_norm': -1.0}, None,
+    'grad_clip_negative': ({'optim': {'grad_clip_norm': -1.0}}, None,
                            r'grad_clip_norm must be >= 0 \(0 disables\)'),
-    'wd_mask_not_a_regex': ({'wd_mask': '('}, None, 'wd_mask .* is not a regex'),
-    'unknown_nan_policy': ({'nan_policy': 'ignore'}, None,
+    'wd_mask_not_a_regex': ({'optim': {'wd_mask': '('}}, None,
+                            'wd_mask .* is not a regex'),
+    'unknown_nan_policy': ({'train': {'nan_policy': 'ignore'}}, None,
                            r"nan_policy 'ignore' not in \('stop', 'skip_step'\)"),
-    'unknown_parallelism': ({'parallelism': 'pmap'}, None,
+    'unknown_parallelism': ({'train': {'parallelism': 'pmap'}}, None,
                             r"parallelism 'pmap' not in \('jit', 'shard_map'\)"),
-    'channels_two': ({'channels': 2}, None, 'must be 1 \\(grayscale\\) or 3'),
-    'negative_cpu_devices': ({'cpu_devices': -2}, None,
-                             'config.cpu_devices must be an integer >= 0, got -2'),
-    'keep_no_checkpoints': ({'keep_checkpoints': 0}, None,
-                            'config.keep_checkpoints must be a positive integer'),
-    'empty_eval_splits': ({'eval_splits': ' '}, None, 'config.eval_splits is empty'),
+    'channels_two': ({'input': {'channels': 2}}, None,
+                     'must be 1 \\(grayscale\\) or 3'),
+    'negative_cpu_devices': ({'mesh': {'cpu_devices': -2}}, None,
+                             'config.mesh.cpu_devices must be an integer >= 0, got -2'),
+    'keep_no_checkpoints': ({'checkpoint': {'keep': 0}}, None,
+                            'config.checkpoint.keep must be a positive integer'),
+    'empty_eval_splits': ({'eval': {'splits': ' '}}, None, 'config.eval.splits is empty'),
     # Model.
     'unknown_model': ({'model': {'name': 'ViT-Q_16'}}, None,
                       "Unknown model 'ViT-Q_16'.*Valid names"),
     'patch_does_not_divide_image': (
-        {'image_size': 18}, None,
+        {'input': {'image_size': 18}}, None,
         'image size 18 is not divisible by the patch size 4x4'),
     'patch_does_not_divide_conv_stem_grid': (
-        {'model': {'conv_stem': (8, 8, 8)}, 'image_size': 16}, None,
+        {'model': {'conv_stem': (8, 8, 8)}, 'input': {'image_size': 16}}, None,
         'image size 16 becomes a 2x2 grid after the 3-stage conv_stem'),
     'conv_stem_depth_zero': (
         {'model': {'conv_stem': (8,), 'conv_stem_depth': 0}}, None,
@@ -135,21 +139,21 @@ CASES = {
         {'batch_size': 12}, None,
         'batch_size 12 is not divisible by the 8 devices.*multiple of 8'),
     'accum_does_not_divide_batch': (
-        {'accum_steps': 3}, None,
-        'config.accum_steps 3 does not divide config.batch_size 32'),
+        {'train': {'accum_steps': 3}}, None,
+        'config.train.accum_steps 3 does not divide config.batch_size 32'),
     'micro_batch_not_divisible_by_devices': (
-        {'accum_steps': 8}, None,
+        {'train': {'accum_steps': 8}}, None,
         r'micro-batch 4 .* a multiple of 64'),
     'eval_batch_not_divisible_by_devices': (
-        {'eval_batch_size': 20}, None,
+        {'eval': {'batch_size': 20}}, None,
         'batch_size 20 is not divisible by the 8 devices'),
     # Data.
     'unknown_dataset': ({'dataset': 'no_such_dataset'}, None, 'no_such_dataset'),
     'missing_image_folder': ({'dataset': 'folder:/no/such/root'}, None,
                              '/no/such/root'),
-    'missing_eval_split': ({'eval_splits': 'validation'}, None,
+    'missing_eval_split': ({'eval': {'splits': 'validation'}}, None,
                            r"'validation'.*test.*train"),
-    'missing_train_split': ({'train_split': 'extra'}, None, "'extra'"),
+    'missing_train_split': ({'input': {'train_split': 'extra'}}, None, "'extra'"),
     # Workdir.
     'workdir_parent_missing': ({}, lambda p: str(p / 'missing' / 'run'),
                                'parent directory .* does not exist'),
@@ -196,7 +200,8 @@ def _parse_train_py_flags(*args):
 
 @pytest.mark.parametrize('arg,message', [
     ('--config.batchsize=64', 'Did you mean "batch_size" instead of "batchsize"'),
-    ('--config.lr.bsae=0.1', 'Did you mean "base" instead of "bsae"'),
+    ('--config.schedule.bsae_lr=0.1',
+     'Did you mean "base_lr" instead of "bsae_lr"'),
     ('--config.batch_size=sixty', 'config.batch_size=sixty: invalid literal for int'),
 ])
 def test_command_line_rejects_unknown_keys_and_wrong_types(arg, message):

@@ -19,42 +19,52 @@ def quickstart_on_digits(data_dir, *extra: str, conv_stem: str = '()',
   tuple override given twice is concatenated, not replaced.
   """
   return [f'--config={ROOT}/configs/quickstart.py', '--config.dataset=digits',
-          f'--config.data_dir={data_dir}', '--config.image_size=16',
+          f'--config.input.data_dir={data_dir}', '--config.input.image_size=16',
           f'--config.model.patch_size={patch_size}',
           f'--config.model.conv_stem={conv_stem}',
-          f'--config.cpu_devices={cpu_devices}', *extra]
+          f'--config.mesh.cpu_devices={cpu_devices}', *extra]
 
 
 def tiny_config(data_dir, **overrides):
-  """A few steps of a tiny ViT on scikit-learn's digits, upsampled to 16 px."""
+  """A few steps of a tiny ViT on scikit-learn's digits, upsampled to 16 px.
+
+  `overrides` are run-level keys (`total_steps=4`) or sections as dicts, merged
+  into the section (`train={'ema_decay': 0.9}`); the config is locked first,
+  so a key that does not exist is an error.
+  """
   config = common.get_config()
   config.model = models.model_section('ViT-test_4')
   config.dataset = 'digits'
-  config.data_dir = str(data_dir)
-  config.image_size = 16
-  config.channels = 1
+  config.input.data_dir = str(data_dir)
+  config.input.image_size = 16
+  config.input.channels = 1
   config.pp.train_crop = 'resize'
   config.batch_size = 32
-  config.eval_batch_size = 64
+  config.eval.batch_size = 64
   config.total_steps = 8
   config.optim.name = 'adamw'
-  config.lr.base = 1e-3
-  config.lr.warmup_steps = 2
+  config.schedule.base_lr = 1e-3
+  config.schedule.warmup_steps = 2
   config.log_every = 2
   config.eval_every = 4
   config.checkpoint_every = 4
-  config.write_plot = False
+  config.metrics.write_plot = False
+  config.lock()  # First: a misspelt or moved key in `overrides` is an error.
   config.update(overrides)
-  config.lock()
   return config
 
 
 def step_config(**overrides):
-  """Default keys plus AdamW at 1e-3: what step-level tests build steps from."""
+  """Default keys plus AdamW at 1e-3: what step-level tests build steps from.
+
+  `overrides` as in `tiny_config`: run-level keys, or a section as a dict
+  (`train={'accum_steps': 2}`).
+  """
   config = common.get_config()
   config.optim.name = 'adamw'
-  config.lr.base = 1e-3
-  config.lr.warmup_steps = 1
-  config.weight_decay = 0.01
+  config.schedule.base_lr = 1e-3
+  config.schedule.warmup_steps = 1
+  config.optim.weight_decay = 0.01
+  config.lock()
   config.update(overrides)
   return config

@@ -4,7 +4,7 @@ Each setting is checked by the module that reads it (optim.py the optimizer
 keys, data/ the input keys, ...); those checks raise `ConfigError`, so an
 entry point can tell a refusal (print what to change, no traceback) from a
 bug, whichever module found the problem. The helpers below keep the messages
-alike: they name the key as a user writes it (`config.lr.base`).
+alike: they name the key as a user writes it (`config.schedule.base_lr`).
 """
 
 import math

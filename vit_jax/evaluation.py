@@ -32,7 +32,7 @@ def evaluate(eval_step: Callable[[Any, Any], Any], params: Any,
   """
   tagged = {'': params} if ema_params is None else {'': params, '_ema': ema_params}
   sums = dict.fromkeys(tagged)
-  local_batch = parallel.local_batch_size(config.eval_batch_size)
+  local_batch = parallel.local_batch_size(config.eval.batch_size)
   for local in data.eval_iterator(
       config, split, local_batch_size=local_batch,
       process_index=jax.process_index(), process_count=jax.process_count()):

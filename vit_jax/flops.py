@@ -139,7 +139,7 @@ def peak_flops_per_device(device: Any = None,
                           override: float | None = None) -> float | None:
   """Peak FLOP/s of one device, the denominator of MFU.
 
-  `override` (config.peak_flops) wins. TPUs and common NVIDIA GPUs use their
+  `override` (config.metrics.peak_flops) wins. TPUs and common NVIDIA GPUs use their
   datasheet dense bfloat16 peak. On CPU there is no datasheet number, so MFU is
   against a measured peak: the best time of a jitted float32 1024x1024 matmul,
   measured once per process and shared among the process's CPU devices (they run
@@ -154,6 +154,6 @@ def peak_flops_per_device(device: Any = None,
   for pattern, peak in _PEAK_FLOPS:
     if re.search(pattern, kind):
       return peak
-  logging.warning('No peak FLOP/s known for %r; set config.peak_flops for MFU.',
+  logging.warning('No peak FLOP/s known for %r; set config.metrics.peak_flops for MFU.',
                   device.device_kind)
   return None

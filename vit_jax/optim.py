@@ -56,7 +56,7 @@ def _adam(opt: ml_collections.ConfigDict, acc_dtype: Any) -> list[Any]:
 # (adam and adamw differ only in where the weight decay goes).
 _UPDATE_DIRECTIONS = {'sgd': _sgd, 'adam': _adam, 'adamw': _adam}
 OPTIMIZERS = tuple(_UPDATE_DIRECTIONS)
-# rsqrt decay timescale when there is no warmup to take it from (config.lr.timescale).
+# rsqrt decay timescale without a warmup to take it from (config.schedule.timescale).
 DEFAULT_RSQRT_TIMESCALE = 10_000
 
 
@@ -66,27 +66,26 @@ DEFAULT_RSQRT_TIMESCALE = 10_000
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad optimizer or schedule setting.
 
-  Covers `optim.*`, `lr.*`, `grad_clip_norm`, `weight_decay` and the syntax of
-  the parameter rules (which parameters they select is checked against the
+  Covers `optim.*` (with the syntax of the parameter rules) and `schedule.*`;
+  which parameters the rules select (which parameters they select is checked against the
   model's params, vit_jax.param_rules.check_rules_select). Whether the warmup
   fits the run is checked by `make_schedule`, the first place that knows the
   run's length when it is given in epochs.
   """
-  opt, lr = config.optim, config.lr
+  opt, schedule = config.optim, config.schedule
   config_checks.one_of(opt.name, OPTIMIZERS, 'optim.name')
-  config_checks.one_of(lr.schedule, SCHEDULES, 'lr.schedule')
-  for key in ('base', 'warmup_steps'):
-    config_checks.number(lr[key], f'lr.{key}')
+  config_checks.one_of(schedule.name, SCHEDULES, 'schedule.name')
+  for key in ('base_lr', 'warmup_steps'):
+    config_checks.number(schedule[key], f'schedule.{key}')
   for key in ('grad_clip_norm', 'weight_decay'):
-    config_checks.number(config[key], key)
-  config_checks.finite_positive(lr.base, 'lr.base')
-  require(lr.warmup_steps >= 0,
-          f'config.lr.warmup_steps must be >= 0, got {lr.warmup_steps}')
-  require(config.grad_clip_norm >= 0,
-          'config.grad_clip_norm must be >= 0 (0 disables), got '
-          f'{config.grad_clip_norm}')
-  require(config.weight_decay >= 0,
-          f'config.weight_decay must be >= 0, got {config.weight_decay}')
+    config_checks.number(opt[key], f'optim.{key}')
+  config_checks.finite_positive(schedule.base_lr, 'schedule.base_lr')
+  require(schedule.warmup_steps >= 0, 'config.schedule.warmup_steps must be '
+          f'>= 0, got {schedule.warmup_steps}')
+  require(opt.grad_clip_norm >= 0, 'config.optim.grad_clip_norm must be >= 0 '
+          f'(0 disables), got {opt.grad_clip_norm}')
+  require(opt.weight_decay >= 0,
+          f'config.optim.weight_decay must be >= 0, got {opt.weight_decay}')
   require(not (opt.name == 'sgd' and opt.nesterov and not opt.momentum),
           'config.optim.nesterov needs config.optim.momentum > 0')
   param_rules.check_rule_syntax(config)
@@ -97,14 +96,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # --------------------------------------------------------------------------------
 def make_schedule(config: ml_collections.ConfigDict,
                   total_steps: int) -> optax.Schedule:
-  """Returns step -> learning rate: linear warmup from 0, then `config.lr.schedule`.
+  """Returns step -> learning rate: linear warmup from 0, then `config.schedule.name`.
 
   Reads `config.lr.{base, schedule, warmup_steps, end_value}` and, for 'rsqrt'
-  without warmup, `config.lr.timescale`.
+  without warmup, `config.schedule.timescale`.
     cosine:   half cosine from base (at warmup end) to end_value (at total_steps).
     linear:   straight line from base to end_value over the same span.
     rsqrt:    base * sqrt(tau / (step - warmup + tau)), tau = warmup_steps if > 0
-              (the Transformer's base * sqrt(warmup / step)), else lr.timescale.
+              (the Transformer's base * sqrt(warmup / step)), else timescale.
     constant: base.
   Steps past total_steps keep the end value.
 
@@ -112,10 +111,10 @@ def make_schedule(config: ml_collections.ConfigDict,
     ConfigError: the warmup is longer than the run (`total_steps`, given or
       derived from `total_epochs`).
   """
-  lr = config.lr
-  decay, base = _DECAYS[lr.schedule], float(lr.base)
-  warmup, end = int(lr.warmup_steps), float(lr.end_value)
-  require(warmup <= total_steps, f'config.lr.warmup_steps {warmup} exceeds '
+  lr = config.schedule
+  decay, base = _DECAYS[lr.name], float(lr.base_lr)
+  warmup, end = int(lr.warmup_steps), float(lr.end_lr)
+  require(warmup <= total_steps, f'config.schedule.warmup_steps {warmup} exceeds '
           f'config.total_steps {total_steps} (the length of the run)')
   decay_steps = max(total_steps - warmup, 1)
   tau = float(warmup or lr.get('timescale', DEFAULT_RSQRT_TIMESCALE))
@@ -170,12 +169,12 @@ def make_optimizer(
   """
   opt = config.optim
   direction = _UPDATE_DIRECTIONS[opt.name]
-  clip, wd = float(config.grad_clip_norm), float(config.weight_decay)
+  clip, wd = float(config.optim.grad_clip_norm), float(config.optim.weight_decay)
   acc_dtype = jnp.dtype(opt.accumulator_dtype)
 
   schedule = make_schedule(config, total_steps)
   decay = optax.add_decayed_weights(
-      wd, mask=lambda p: regex_mask(p, config.wd_mask)) if wd > 0 else None
+      wd, mask=lambda p: regex_mask(p, config.optim.wd_mask)) if wd > 0 else None
 
   chain = []
   if clip > 0:
@@ -188,17 +187,17 @@ def make_optimizer(
     chain.append(decay)  # Decoupled: after the update direction, scaled by lr.
   chain.append(optax.scale_by_learning_rate(schedule))
   tx = optax.chain(*chain)
-  if config.frozen:
-    frozen = config.frozen
+  if config.optim.frozen:
+    frozen = config.optim.frozen
     tx = optax.multi_transform(
         {'train': tx, 'frozen': optax.set_to_zero()},
         lambda p: jax.tree_util.tree_map(lambda f: 'frozen' if f else 'train',
                                          regex_mask(p, frozen)))
-  if config.lr_mults or config.layer_decay != 1:
+  if config.optim.lr_mults or config.optim.layer_decay != 1:
     # After the split: the factors see the whole tree, so depths stay right
     # when whole blocks are frozen.
-    tx = optax.chain(tx, scale_by_lr_multipliers(config.lr_mults,
-                                                 config.layer_decay))
+    tx = optax.chain(tx, scale_by_lr_multipliers(config.optim.lr_mults,
+                                                 config.optim.layer_decay))
   return tx, schedule
 
 

@@ -46,9 +46,9 @@ def check_config(config: Any) -> None:
             f'config.mesh.{key} must be a positive integer'
             f'{" or -1 (all remaining devices)" if key == "data" else ""}'
             f', got {value!r}')
-  require(is_int(config.cpu_devices) and config.cpu_devices >= 0,
-          f'config.cpu_devices must be an integer >= 0, got '
-          f'{config.cpu_devices!r}')
+  require(is_int(config.mesh.cpu_devices) and config.mesh.cpu_devices >= 0,
+          f'config.mesh.cpu_devices must be an integer >= 0, got '
+          f'{config.mesh.cpu_devices!r}')
 
 
 def use_cpu_devices(count: int) -> bool:

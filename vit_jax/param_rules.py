@@ -162,16 +162,16 @@ def check_rule_syntax(config: ml_collections.ConfigDict) -> None:
   Which parameters the rules select needs the model: `check_rules_select`.
   """
   for key in ('wd_mask', 'frozen'):
-    _compile(key, config[key])
-  for i, rule in enumerate(config.lr_mults):
+    _compile(f'optim.{key}', config.optim[key])
+  for i, rule in enumerate(config.optim.lr_mults):
     require(isinstance(rule, (tuple, list)) and len(rule) == 2
             and is_number(rule[1]) and 0 <= rule[1] < math.inf,
-            f'config.lr_mults[{i}] must be a (regex, multiplier >= 0) pair, '
+            f'config.optim.lr_mults[{i}] must be a (regex, multiplier >= 0) pair, '
             f'got {rule!r}.')
-    _compile(f'lr_mults[{i}]', rule[0])
-  decay = config.layer_decay
+    _compile(f'optim.lr_mults[{i}]', rule[0])
+  decay = config.optim.layer_decay
   require(is_number(decay) and 0 < decay <= 1,
-          f'config.layer_decay must be in (0, 1] (1 disables), got {decay!r}.')
+          f'config.optim.layer_decay must be in (0, 1] (1 disables), got {decay!r}.')
 
 
 def check_rules_select(config: ml_collections.ConfigDict, params: PyTree) -> None:
@@ -184,34 +184,37 @@ def check_rules_select(config: ml_collections.ConfigDict, params: PyTree) -> Non
   names = jax.tree_util.tree_leaves(tree_paths(params))
   hint = f'parameter names look like {names[:3]}'
   selects = lambda pattern: any(re.fullmatch(pattern, n) for n in names)
-  if config.weight_decay > 0 and not selects(config.wd_mask):
-    raise ConfigError(f'config.wd_mask {config.wd_mask!r} matches no parameter; {hint}.')
-  if config.frozen:
-    frozen = [n for n in names if re.fullmatch(config.frozen, n)]
+  opt = config.optim
+  if opt.weight_decay > 0 and not selects(opt.wd_mask):
+    raise ConfigError(f'config.optim.wd_mask {opt.wd_mask!r} matches no '
+                      f'parameter; {hint}.')
+  if opt.frozen:
+    frozen = [n for n in names if re.fullmatch(opt.frozen, n)]
     if not frozen:
-      raise ConfigError(f'config.frozen {config.frozen!r} matches no parameter; {hint}.')
+      raise ConfigError(f'config.optim.frozen {opt.frozen!r} matches no '
+                        f'parameter; {hint}.')
     if len(frozen) == len(names):
-      raise ConfigError(f'config.frozen {config.frozen!r} matches every parameter: '
-                        'nothing would train.')
+      raise ConfigError(f'config.optim.frozen {opt.frozen!r} matches every '
+                        'parameter: nothing would train.')
   winners = jax.tree_util.tree_leaves(match_rules(
-      params, [(p, i) for i, (p, _) in enumerate(config.lr_mults)], -1))
-  for i, (pattern, _) in enumerate(config.lr_mults):
+      params, [(p, i) for i, (p, _) in enumerate(opt.lr_mults)], -1))
+  for i, (pattern, _) in enumerate(opt.lr_mults):
     if i not in winners:
       why = ('every parameter it matches is taken by an earlier rule'
              if selects(pattern) else f'it matches no parameter; {hint}')
-      raise ConfigError(f'config.lr_mults[{i}] {pattern!r} applies to no parameter: '
-                        f'{why}.')
-  if config.layer_decay != 1 and layer_ids(params)[1] == 1:
-    raise ConfigError('config.layer_decay needs numbered blocks '
+      raise ConfigError(f'config.optim.lr_mults[{i}] {pattern!r} applies to no '
+                        f'parameter: {why}.')
+  if opt.layer_decay != 1 and layer_ids(params)[1] == 1:
+    raise ConfigError('config.optim.layer_decay needs numbered blocks '
                       '(Transformer/encoderblock_i or MixerBlock_i); the model has none.')
 
 
 def describe_param_rules(config: ml_collections.ConfigDict, params: PyTree) -> str:
   """One line: which parameters are frozen and which lr factor the others get."""
   names = jax.tree_util.tree_leaves(tree_paths(params))
-  frozen = jax.tree_util.tree_leaves(regex_mask(params, config.frozen))
+  frozen = jax.tree_util.tree_leaves(regex_mask(params, config.optim.frozen))
   mults = jax.tree_util.tree_leaves(lr_multipliers(
-      params, config.lr_mults, float(config.layer_decay)))
+      params, config.optim.lr_mults, float(config.optim.layer_decay)))
   groups: dict[float, list[str]] = {}
   for name, is_frozen, mult in zip(names, frozen, mults):
     groups.setdefault(0.0 if is_frozen else mult, []).append(name)

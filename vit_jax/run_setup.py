@@ -23,6 +23,7 @@ import ml_collections
 import optax
 
 from vit_jax import config_checks
+from vit_jax import config_keys
 from vit_jax import data
 from vit_jax import mixup
 from vit_jax import models
@@ -37,9 +38,10 @@ from vit_jax.config_checks import require
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key of a training config."""
+  config_keys.check_config(config)  # No key of the earlier flat layout.
   _check_run_keys(config)
   data.check_config(config)
-  models.check_config(config.model, config.image_size)
+  models.check_config(config.model, config.input.image_size)
   optim.check_config(config)
   mixup.check_mixup(config.mixup)
   steps.check_config(config)
@@ -50,9 +52,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_run_keys(config: ml_collections.ConfigDict) -> None:
   """The loop's own keys: batch sizes, duration, cadence, seed."""
-  for key in ('batch_size', 'eval_batch_size', 'log_every', 'eval_every',
-              'checkpoint_every', 'keep_checkpoints'):
-    config_checks.positive_int(config[key], key)
+  for key in ('batch_size', 'log_every', 'eval_every', 'checkpoint_every',
+              'eval.batch_size', 'checkpoint.keep'):
+    config_checks.positive_int(config_keys.lookup(config, key), key)
   require(config.total_steps is not None or config.total_epochs is not None,
           'set config.total_steps or config.total_epochs')
   if config.total_steps is not None:  # Steps win, so the command line can set them.
@@ -98,12 +100,13 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
   """
   model = models.create_model(config.model, num_classes)
   tx, schedule = optim.make_optimizer(config, total_steps)
-  image_shape = (config.image_size, config.image_size, config.channels)
+  size, channels = config.input.image_size, config.input.channels
+  image_shape = (size, size, channels)
   init_fn = functools.partial(steps.create_train_state, model, tx, image_shape,
-                              config.seed, ema=config.ema_decay > 0)
+                              config.seed, ema=config.train.ema_decay > 0)
   abstract_state = jax.eval_shape(init_fn)
   param_rules.check_rules_select(config, abstract_state.params)
-  if config.frozen or config.lr_mults or config.layer_decay != 1:
+  if config.optim.frozen or config.optim.lr_mults or config.optim.layer_decay != 1:
     logging.info(param_rules.describe_param_rules(config, abstract_state.params))
   # Optimizer state follows its parameter (vit_jax.sharding).
   state_sharding = sharding.from_config(config, abstract_state, mesh)

@@ -2,14 +2,14 @@
 
 The mesh has two axes (vit_jax.parallel.make_mesh): `data` (batches are split
 over it; FSDP splits parameters over it too) and `model` (tensor parallelism).
-`config.sharding` is an ordered tuple of `(regex, strategy)` rules over the
+`config.sharding.rules` is an ordered tuple of `(regex, strategy)` rules over the
 '/'-joined parameter paths of vit_jax.param_rules (first full match wins;
 unmatched parameters are replicated), or one preset name that applies a
 strategy to every parameter (`'fsdp'` == `(('.*', 'fsdp'),)`). Strategies:
 
   replicate   every device holds the whole array (plain data parallelism).
   fsdp        the largest dimension divisible by the `data` axis size is split
-              over `data`; arrays under `config.fsdp_min_size` elements stay
+              over `data`; arrays under `config.sharding.fsdp_min_size` elements stay
               replicated (their all-gathers cost more than they save).
   model       Megatron-style tensor parallelism over `model`: attention
               query/key/value kernels and biases on the heads axis, the `out`
@@ -72,30 +72,31 @@ _MODEL_AXES = tuple((re.compile(pattern), axis, what) for pattern, axis, what in
 
 
 def parse_rules(sharding: Any) -> Rules:
-  """`config.sharding` -> ((regex, {strategy, ...}), ...); raises ConfigError."""
+  """`config.sharding.rules` -> ((regex, {strategy, ...}), ...); raises ConfigError."""
   if isinstance(sharding, str):
     if sharding not in PRESETS:
-      raise ConfigError(f'config.sharding {sharding!r} is not a preset {PRESETS}; '
-                       "write rules as (('regex', 'strategy'), ...)")
+      raise ConfigError(f'config.sharding.rules {sharding!r} is not a preset '
+                        f"{PRESETS}; write rules as (('regex', 'strategy'), ...)")
     sharding = (('.*', sharding),)
   if not isinstance(sharding, (tuple, list)):
-    raise ConfigError('config.sharding must be a preset name or a tuple of '
+    raise ConfigError('config.sharding.rules must be a preset name or a tuple of '
                      f'(regex, strategy) rules, got {sharding!r}')
   rules = []
   for i, rule in enumerate(sharding):
     if (not isinstance(rule, (tuple, list)) or len(rule) != 2
         or not all(isinstance(r, str) for r in rule)):
-      raise ConfigError(f'config.sharding[{i}] must be a (regex, strategy) pair '
+      raise ConfigError(f'config.sharding.rules[{i}] must be a (regex, strategy) pair '
                        f'of strings, got {rule!r}')
     pattern, strategy = rule
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ConfigError(f'config.sharding[{i}] {pattern!r} is not a regex: {e}') from None
+      raise ConfigError(f'config.sharding.rules[{i}] {pattern!r} is not a '
+                        f'regex: {e}') from None
     parts = frozenset(strategy.split('+'))
     if not parts <= set(STRATEGIES) or ('replicate' in parts and len(parts) > 1):
       raise ConfigError(
-          f'config.sharding[{i}] strategy {strategy!r} is unknown: use one of '
+          f'config.sharding.rules[{i}] strategy {strategy!r} is unknown: use one of '
           f'{STRATEGIES} or a combination such as fsdp+model')
     rules.append((pattern, parts - {'replicate'}))
   return tuple(rules)
@@ -190,14 +191,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   that 'shard_map' gets replicated parameters on a data-only mesh. What the
   rules select is checked against the model by `check_rules_select`.
   """
-  rules = parse_rules(config.sharding)
-  min_size = config.fsdp_min_size
+  rules = parse_rules(config.sharding.rules)
+  min_size = config.sharding.fsdp_min_size
   require(is_int(min_size) and min_size >= 0,
-          f'config.fsdp_min_size must be an integer >= 0, got {min_size!r}')
-  require(config.parallelism != 'shard_map' or (
+          f'config.sharding.fsdp_min_size must be an integer >= 0, got {min_size!r}')
+  require(config.train.parallelism != 'shard_map' or (
       not any(parts for _, parts in rules) and config.mesh.model == 1),
           "parallelism='shard_map' runs the step on replicated parameters over "
-          "the data axis only: use config.sharding='replicate' and "
+          "the data axis only: use config.sharding.rules='replicate' and "
           "config.mesh.model=1, or parallelism='jit' for fsdp/model sharding")
 
 
@@ -205,7 +206,7 @@ def check_rules_select(config: ml_collections.ConfigDict, params: Any,
                        mesh: Mesh) -> None:
   """Raises ConfigError unless every rule decides some parameter of `params`
   and the mesh's `model` axis divides what it splits."""
-  rules = parse_rules(config.sharding)
+  rules = parse_rules(config.sharding.rules)
   names = jax.tree.leaves(param_rules.tree_paths(params))
   winners = _winners(params, rules)
   for i, (pattern, parts) in enumerate(rules):
@@ -214,11 +215,11 @@ def check_rules_select(config: ml_collections.ConfigDict, params: Any,
       why = ('every parameter it matches is taken by an earlier rule'
              if any(re.fullmatch(pattern, n) for n in names) else
              f'it matches no parameter; names look like {names[:3]}')
-      raise ConfigError(f'config.sharding[{i}] {pattern!r} applies to no '
+      raise ConfigError(f'config.sharding.rules[{i}] {pattern!r} applies to no '
                        f'parameter: {why}')
     if 'model' in parts and not any(_model_axis(n, 3) for n in mine):
       raise ConfigError(
-          f'config.sharding[{i}] {pattern!r} asks for model (tensor) parallelism '
+          f'config.sharding.rules[{i}] {pattern!r} asks for model (tensor) parallelism '
           'but selects no attention query/key/value/out or MLP Dense_0/Dense_1 '
           f'parameter (it selects {summarize_names(mine)})')
   model_size = dict(mesh.shape).get(MODEL_AXIS, 1)
@@ -247,6 +248,7 @@ def describe(state_sharding: Any, params: Any) -> str:
 
 def from_config(config: ml_collections.ConfigDict, abstract_state: Any,
                 mesh: Mesh) -> Any:
-  """Checks `config.sharding` against the model and returns the state's shardings."""
+  """Checks `config.sharding.rules` against the model; the state's shardings."""
   check_rules_select(config, abstract_state.params, mesh)
-  return state_shardings(abstract_state, mesh, config.sharding, config.fsdp_min_size)
+  return state_shardings(abstract_state, mesh, config.sharding.rules,
+                         config.sharding.fsdp_min_size)

@@ -35,7 +35,7 @@ _FILTERS: dict[int, QuietLibraries] = {}  # One per level: addFilter skips repea
 
 def prepare_process(config: Any = None, *, quiet_below: int = logging.WARNING
                     ) -> None:
-  """Quiets library logs below `quiet_below` and applies `config.cpu_devices`.
+  """Quiets library logs below `quiet_below` and applies `config.mesh.cpu_devices`.
 
   Call it before anything touches a device (train.py calls it before
   `jax.distributed.initialize`). Raises ValueError for a negative
@@ -47,4 +47,4 @@ def prepare_process(config: Any = None, *, quiet_below: int = logging.WARNING
   absl_logging.get_absl_handler().addFilter(quiet)
   logging.getLogger('absl').addFilter(quiet)
   if config is not None:
-    parallel.use_cpu_devices(config.cpu_devices)
+    parallel.use_cpu_devices(config.mesh.cpu_devices)

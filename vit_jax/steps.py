@@ -39,22 +39,24 @@ NAN_POLICIES = ('stop', 'skip_step')
 def check_config(config: Any) -> None:
   """Raises ConfigError naming the first bad setting of the train step.
 
-  `label_smoothing`, `accum_steps` (which must divide `batch_size`),
-  `parallelism`, `nan_policy` and `ema_decay`; `mixup` is checked by
-  vit_jax.mixup, the batch against the devices by vit_jax.parallel.
+  The `train` section: `accum_steps` (which must divide `batch_size`),
+  `label_smoothing`, `parallelism`, `nan_policy` and `ema_decay`. `mixup` is
+  checked by vit_jax.mixup, the batch against the devices by vit_jax.parallel.
   """
-  config_checks.positive_int(config.accum_steps, 'accum_steps')
-  require(config.batch_size % config.accum_steps == 0,
-          f'config.accum_steps {config.accum_steps} does not divide '
+  train = config.train
+  config_checks.positive_int(train.accum_steps, 'train.accum_steps')
+  require(config.batch_size % train.accum_steps == 0,
+          f'config.train.accum_steps {train.accum_steps} does not divide '
           f'config.batch_size {config.batch_size}')
-  config_checks.number(config.label_smoothing, 'label_smoothing')
-  require(0 <= config.label_smoothing < 1,
-          f'config.label_smoothing must be in [0, 1), got {config.label_smoothing}')
-  config_checks.one_of(config.parallelism, parallel.PARALLELISMS, 'parallelism')
-  config_checks.one_of(config.nan_policy, NAN_POLICIES, 'nan_policy')
-  config_checks.number(config.ema_decay, 'ema_decay')
-  require(0 <= config.ema_decay < 1,
-          f'config.ema_decay must be in [0, 1) (0 disables), got {config.ema_decay}')
+  config_checks.number(train.label_smoothing, 'train.label_smoothing')
+  require(0 <= train.label_smoothing < 1, 'config.train.label_smoothing must '
+          f'be in [0, 1), got {train.label_smoothing}')
+  config_checks.one_of(train.parallelism, parallel.PARALLELISMS,
+                       'train.parallelism')
+  config_checks.one_of(train.nan_policy, NAN_POLICIES, 'train.nan_policy')
+  config_checks.number(train.ema_decay, 'train.ema_decay')
+  require(0 <= train.ema_decay < 1, 'config.train.ema_decay must be in [0, 1) '
+          f'(0 disables), got {train.ema_decay}')
 
 
 @flax.struct.dataclass
@@ -222,10 +224,11 @@ def jit_train_step(config: Any, model: nn.Module, tx: optax.GradientTransformati
   """
   step = make_train_step(
       model, tx, num_classes=num_classes,
-      label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
-      parallelism=config.parallelism, nan_policy=config.nan_policy,
-      mixup=config.mixup, ema_decay=config.ema_decay)
-  if config.parallelism == 'shard_map':
+      label_smoothing=config.train.label_smoothing,
+      accum_steps=config.train.accum_steps, parallelism=config.train.parallelism,
+      nan_policy=config.train.nan_policy, mixup=config.mixup,
+      ema_decay=config.train.ema_decay)
+  if config.train.parallelism == 'shard_map':
     step = parallel.shard_map_step(step, mesh)
   return jax.jit(step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                  out_shardings=(state_sharding, parallel.replicated(mesh)),
@@ -257,5 +260,6 @@ def check_finite(state: TrainState, nan_policy: str) -> None:
     raise FloatingPointError(
         f'Non-finite loss or gradient norm at step {bad}; stopped without saving '
         f'any later state (the last good checkpoint is kept). Lower '
-        'config.lr.base, enable config.grad_clip_norm, check the input data, or '
-        "set config.nan_policy='skip_step' to skip such steps.")
+        'config.schedule.base_lr, enable config.optim.grad_clip_norm, check the '
+        "input data, or set config.train.nan_policy='skip_step' to skip such "
+        'steps.')

@@ -42,7 +42,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   A SIGTERM (preemption notice) while it runs makes it finish the current step,
   save a checkpoint and return early (vit_jax.preemption); running it again
   resumes exactly there. A NaN/Inf loss or gradient norm raises
-  FloatingPointError unless `config.nan_policy` is 'skip_step'.
+  FloatingPointError unless `config.train.nan_policy` is 'skip_step'.
   """
   with preemption.PreemptionWatch() as preempted:
     return _train_and_evaluate(config, workdir, preempted)
@@ -55,10 +55,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run_setup.check_config(config)
   workdir = workdir_lib.prepare_workdir(workdir)
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
-  parallel.check_batch_size(config.batch_size, mesh, config.accum_steps)
-  parallel.check_batch_size(config.eval_batch_size, mesh)
+  parallel.check_batch_size(config.batch_size, mesh, config.train.accum_steps)
+  parallel.check_batch_size(config.eval.batch_size, mesh)
   info = data.get_dataset_info(config)
-  total_steps = resolve_total_steps(config, info.num_examples[config.train_split])
+  total_steps = resolve_total_steps(config, info.num_examples[config.input.train_split])
   eval_splits = data.info.eval_splits(config)
   is_main = jax.process_index() == 0
   logging.info('Dataset %s: %d classes, splits %s; %d steps of batch %d on %d '
@@ -73,7 +73,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model, state_sharding = run.model, run.state_sharding
 
   # -------------------------------------- resume, or start (scratch/pretrained)
-  manager = orbax_state.make_manager(workdir, max_to_keep=config.keep_checkpoints)
+  manager = orbax_state.make_manager(workdir, max_to_keep=config.checkpoint.keep)
   # The newest checkpoint that restores intact; damaged newer ones are moved
   # aside with a warning, one of another run is refused.
   restored = orbax_state.restore_latest(
@@ -89,8 +89,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       params, _ = checkpoint.load_pretrained(  # Logs what it loaded/resized.
           config.pretrained_path,  # Sharded params may span hosts: gather.
           multihost_utils.process_allgather(state.params, tiled=True),
-          keep_pre_logits=config.pretrained_keep_pre_logits,
-          posemb_method=config.pretrained_posemb_resize)
+          keep_pre_logits=config.pretrained.keep_pre_logits,
+          posemb_method=config.pretrained.posemb_resize)
       state = state.replace(params=jax.device_put(params, state_sharding.params))
       if state.ema_params is not None:  # The average starts at the loaded params.
         state = state.replace(
@@ -116,7 +116,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   lowered = train_step.lower(run.abstract_state, batch_spec)
   train_step = lowered.compile()
   step_flops = flops.train_step_flops(lowered, model, run.image_shape,
-                                      config.batch_size, config.accum_steps)
+                                      config.batch_size, config.train.accum_steps)
   logging.info('Compiled the train step in %.1fs (%.3g FLOP/step)',
                time.time() - t0, step_flops or float('nan'))
 
@@ -125,7 +125,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   timer = metrics.StepTimer(
       config.batch_size, flops_per_step=step_flops, num_devices=mesh.devices.size,
       peak_flops_per_device=flops.peak_flops_per_device(
-          jax.devices()[0], override=config.peak_flops))
+          jax.devices()[0], override=config.metrics.peak_flops))
   train_iter = data.train_iterator(
       config, local_batch_size=parallel.local_batch_size(config.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -147,7 +147,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Before anything computed after a NaN/Inf step is logged, evaluated or
     # saved; a save still in flight holds an earlier, finite state: finish it.
     try:
-      steps.check_finite(state, config.nan_policy)
+      steps.check_finite(state, config.train.nan_policy)
     except FloatingPointError:
       manager.wait_until_finished()
       raise
@@ -197,7 +197,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.warning('Preempted: saved step %d of %d in %s; run the same command '
                     'to resume.', preempted_at, total_steps, manager.directory)
     return final
-  if is_main and config.write_plot:
+  if is_main and config.metrics.write_plot:
     metrics.save_curves_plot(workdir)
   logging.info('Done at step %d: %s', total_steps, final)
   return final

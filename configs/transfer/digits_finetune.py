@@ -27,28 +27,22 @@ from configs.transfer import fashion_mnist_pretrain
 
 def get_config() -> ml_collections.ConfigDict:
   config = common.get_config()
-  config.model = fashion_mnist_pretrain.model_section()  # The pre-trained one.
-  config.pretrained_path = 'runs/transfer/fashion_mnist_pretrain'
   config.dataset = 'digits'
-  config.train_split = 'train[:300]'
-  config.eval_splits = 'test'
-  config.image_size = 32
-  config.channels = 1
-  config.pp.train_crop = 'random'  # Resize to 37 px, random 32 px crop.
-  config.pp.flip = False           # Mirrored digits are other symbols.
-
   config.batch_size = 64
   config.total_steps = 200
-  config.optim.name = 'adamw'
-  config.lr.base = 1e-3
-  config.lr.warmup_steps = 20
-  config.lr.schedule = 'cosine'
-  config.weight_decay = 0.05
-  config.grad_clip_norm = 1.0
-
   config.log_every = 20
   config.eval_every = 100
   config.checkpoint_every = 200
-  config.eval_batch_size = 256
+  config.pretrained_path = 'runs/transfer/fashion_mnist_pretrain'
+  config.model = fashion_mnist_pretrain.model_section()  # The pre-trained one.
+  config.input.train_split = 'train[:300]'
+  config.input.image_size = 32
+  config.input.channels = 1
+  config.pp.train_crop = 'random'  # Resize to 37 px, random 32 px crop.
+  config.pp.flip = False           # Mirrored digits are other symbols.
+  config.optim.name = 'adamw'
+  config.optim.weight_decay = 0.05
+  config.schedule.base_lr = 1e-3
+  config.schedule.warmup_steps = 20
   config.lock()
   return config

@@ -31,27 +31,20 @@ def model_section() -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = common.get_config()
-  config.model = model_section()
-  config.dataset = 'fashion_mnist'
-  config.image_size = 28
-  config.channels = 1
-  config.pp.train_crop = 'random'
-  config.pp.flip = True
-
+  config = common.get_config()  # Its dataset is Fashion-MNIST.
   config.batch_size = 128
   config.total_steps = PRETRAIN_STEPS
-  config.optim.name = 'adamw'
-  config.optim.b2 = 0.999
-  config.lr.base = 2e-3
-  config.lr.warmup_steps = PRETRAIN_STEPS // 5
-  config.lr.schedule = 'cosine'
-  config.weight_decay = 0.05
-  config.grad_clip_norm = 1.0
-
   config.log_every = 100
   config.eval_every = PRETRAIN_STEPS
   config.checkpoint_every = PRETRAIN_STEPS
-  config.eval_batch_size = 1000
+  config.model = model_section()
+  config.input.image_size = 28
+  config.input.channels = 1
+  config.pp.train_crop = 'random'
+  config.eval.batch_size = 1000
+  config.optim.name = 'adamw'
+  config.optim.weight_decay = 0.05
+  config.schedule.base_lr = 2e-3
+  config.schedule.warmup_steps = PRETRAIN_STEPS // 5
   config.lock()
   return config

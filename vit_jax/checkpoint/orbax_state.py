@@ -4,7 +4,7 @@ A workdir holds `checkpoints/<step>/` written by an Orbax `CheckpointManager`
 with three items: `params`, `train` (step, optimizer state, rng, non-finite
 counters) and `meta` (JSON: the config and what is needed to check that a resume
 is consistent), plus `ema_params` when the run keeps an EMA of its parameters
-(`config.ema_decay` > 0). Keeping `params` apart lets `load_params` read a model
+(`config.train.ema_decay` > 0). Keeping `params` apart lets `load_params` read a model
 without its optimizer state.
 
 Orbax writes each step into a temporary directory and renames it when complete,
@@ -38,16 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_jax import config_keys
 from vit_jax.config_checks import ConfigError
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
 # Config values that define the training stream: changing one between a run and
 # its resume would silently produce a different run.
-_RESUME_KEYS = ('batch_size', 'seed', 'dataset', 'train_split', 'accum_steps',
-                'image_size', 'ema_decay')
+_RESUME_KEYS = ('batch_size', 'seed', 'dataset', 'input.train_split',
+                'train.accum_steps', 'input.image_size', 'train.ema_decay')
 # Keys added after checkpoints were written without them: the value those had.
-_RESUME_DEFAULTS = {'ema_decay': 0.0}
+_RESUME_DEFAULTS = {'train.ema_decay': 0.0}
 ITEM_NAMES = ('params', 'ema_params', 'train', 'meta')
 
 
@@ -222,7 +223,7 @@ def load_params(path: str, step: Optional[int] = None, *,
   Args:
     path: a training workdir or its `checkpoints` directory.
     step: the step to read; default the latest.
-    ema: read the EMA of the params (runs with `config.ema_decay` > 0) instead.
+    ema: read the EMA of the params (runs with `config.train.ema_decay` > 0) instead.
   Raises:
     ValueError: `ema` and the checkpoint has no EMA params.
   """
@@ -232,7 +233,7 @@ def load_params(path: str, step: Optional[int] = None, *,
     metadata = manager.item_metadata(step)
     if metadata.get(item) is None:
       raise ValueError(f'{manager.directory}/{step} has no {item} (the run '
-                       'had config.ema_decay = 0)')
+                       'had config.train.ema_decay = 0)')
     host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
@@ -281,14 +282,19 @@ def _restore_read_only(
 
 def resume_meta(config: Any) -> dict[str, Any]:
   """What a checkpoint records so that a resume can check it is the same run."""
-  meta = {key: config[key] for key in _RESUME_KEYS}
+  meta = {key: config_keys.lookup(config, key) for key in _RESUME_KEYS}
   meta['model'] = config.model.name
   meta['config'] = config.to_json_best_effort()
   return meta
 
 
 def check_resume_meta(meta: dict[str, Any], config: Any) -> None:
-  """Raises ConfigError if the workdir's checkpoint was written by another run."""
+  """Raises ConfigError if the workdir's checkpoint was written by another run.
+
+  Checkpoints written with the earlier flat key names are compared under the
+  current ones (vit_jax.config_keys).
+  """
+  meta = config_keys.upgrade_flat(meta)
   current = resume_meta(config)
   saved = lambda k: meta.get(k, _RESUME_DEFAULTS.get(k))
   changed = [f'{k}: checkpoint {saved(k)!r} vs config {current[k]!r}'

@@ -42,8 +42,8 @@ def check_config(config: Any) -> None:
   if config.pretrained_path:
     require(epath.Path(config.pretrained_path).exists(),
             f'config.pretrained_path {config.pretrained_path} does not exist')
-  require(config.pretrained_posemb_resize in POSEMB_METHODS,
-          f'config.pretrained_posemb_resize {config.pretrained_posemb_resize!r} '
+  require(config.pretrained.posemb_resize in POSEMB_METHODS,
+          f'config.pretrained.posemb_resize {config.pretrained.posemb_resize!r} '
           f'not in {POSEMB_METHODS}')
 
 

@@ -1,11 +1,11 @@
-"""`config.cache`: a split's decoded (pre-augmentation) images held in memory.
+"""`config.input.cache`: a split's decoded (pre-augmentation) images held in memory.
 
 Decoding dominates the cost of small-image pipelines, and a small split's
 pixels fit in host memory (Fashion-MNIST train: 47 MB), so decode each image
 once and serve every epoch from memory by index. Images may differ in size:
 all pixels are stored in one flat uint8 buffer with per-image offsets and
 shapes. Meant for datasets whose pixels fit comfortably in RAM (and under
-TF's 2 GB graph-constant limit); use `config.cache=False` beyond that.
+TF's 2 GB graph-constant limit); use `config.input.cache=False` beyond that.
 """
 
 import dataclasses

@@ -6,7 +6,7 @@ order, and every slice of it (`train[:90%]`, TFDS slicing syntax), is fixed.
 
 Each split is scanned once per process on first use: every file is decoded
 (in parallel) to find unreadable ones and the native image shapes. A bad
-file is a ValueError naming it, or, with `config.skip_bad_images`, a warning
+file is a ValueError naming it, or, with `config.input.skip_bad_images`, a warning
 and the file is left out. The scan costs one decode pass, fine for the small
 folders this is meant for; convert large collections to TFDS instead.
 """
@@ -74,7 +74,7 @@ def _scan_split(split_dir: str, class_names: tuple[str, ...],
     if index not in shapes:
       message = f'Cannot decode image file {path} ({_decode_error(path)})'
       if not skip_bad_images:
-        raise ValueError(f'{message}; set config.skip_bad_images=True to '
+        raise ValueError(f'{message}; set config.input.skip_bad_images=True to '
                          'skip unreadable files.')
       logging.warning('%s; skipping it.', message)
   keep = sorted(shapes)

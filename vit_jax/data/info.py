@@ -24,7 +24,7 @@ class DatasetInfo:
     name: `config.dataset`.
     num_classes: number of labels; labels are in [0, num_classes).
     class_names: the label names, index = label.
-    num_examples: examples in `config.train_split` and each eval split, keyed
+    num_examples: examples in `config.input.train_split` and each eval split, keyed
       by the split spec as written in the config (after slicing, so
       `'train[:98%]'` of Fashion-MNIST is 58,800).
     image_shape: native (H, W, C) of the stored images; H and W are None if
@@ -38,24 +38,28 @@ class DatasetInfo:
 
 
 def eval_splits(config) -> list[str]:
-  """`config.eval_splits` ('test' or 'validation, test') as a list."""
-  return [s.strip() for s in config.eval_splits.split(',') if s.strip()]
+  """`config.eval.splits` ('test' or 'validation, test') as a list."""
+  return [s.strip() for s in config.eval.splits.split(',') if s.strip()]
 
 
 def check_config(config) -> None:
   """Raises ConfigError naming the first bad input setting, without any IO.
 
-  `dataset` (a name), `channels`, `image_size`, `eval_splits` and the `pp`
+  `dataset` (a name), the `input` keys that can be wrong without the data
+  (`channels`, `image_size`, `tfds_reader`), `eval.splits` and the `pp`
   section. What needs the data itself (the dataset exists, its splits do) is
   checked by `get_dataset_info`.
   """
   require(isinstance(config.dataset, str) and config.dataset.strip() != '',
           "config.dataset must be a dataset name (e.g. 'digits') or "
           f"'folder:/path', got {config.dataset!r}")
-  require(config.channels in (1, 3), 'config.channels must be 1 (grayscale) '
-          f'or 3 (RGB), got {config.channels!r}')
-  positive_int(config.image_size, 'image_size')
-  require(bool(eval_splits(config)), 'config.eval_splits is empty')
+  require(config.input.channels in (1, 3), 'config.input.channels must be 1 '
+          f'(grayscale) or 3 (RGB), got {config.input.channels!r}')
+  positive_int(config.input.image_size, 'input.image_size')
+  require(bool(eval_splits(config)), 'config.eval.splits is empty')
+  require(config.input.tfds_reader in sources.TFDS_READERS,
+          f'config.input.tfds_reader={config.input.tfds_reader!r}; expected '
+          f'one of {sources.TFDS_READERS}.')
   preprocess.check_pp(config.pp)
 
 
@@ -71,7 +75,7 @@ def get_dataset_info(config) -> DatasetInfo:
       message says how to get it).
   """
   source = sources.open_source(config)
-  splits = [config.train_split] + eval_splits(config)
+  splits = [config.input.train_split] + eval_splits(config)
   return DatasetInfo(
       name=config.dataset,
       num_classes=len(source.class_names),

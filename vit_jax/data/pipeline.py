@@ -2,7 +2,7 @@
 
 Train batches are `{'image': float32 [B, S, S, C] in [-1, 1], 'label': int32
 [B]}` (random erasing's noise boxes, when on, may leave [-1, 1]); eval batches add `'mask': bool [B]` (False on padding). `B` is the
-local (per-process) batch, `S = config.image_size`, `C = config.channels`.
+local (per-process) batch, `S = config.input.image_size`, `C = config.input.channels`.
 
 Training stream (see order.py for the position arithmetic). The example at
 global position `g` is chosen and augmented as a function of
@@ -11,20 +11,20 @@ global batch, so runs are bit-for-bit repeatable, resume exactly at any step,
 and give the same global batches for any process count. Two ways to pick the
 example at `g`:
 
-  * Indexed (`config.cache`, or image folders): each epoch is a full
+  * Indexed (`config.input.cache`, or image folders): each epoch is a full
     pseudorandom permutation, computed per index. A process touches only its
-    own examples; resuming at any step is O(1). With `config.cache` every
+    own examples; resuming at any step is O(1). With `config.input.cache` every
     process decodes the whole split once at start-up (P-fold decode work,
-    then none), and `config.shuffle_buffer` is not used.
-  * Streamed (TFDS with `config.cache=False`, for data too big for memory):
+    then none), and `config.input.shuffle_buffer` is not used.
+  * Streamed (TFDS with `config.input.cache=False`, for data too big for memory):
     each epoch reads the split's shards in a seeded order and permutes each
-    window of `config.shuffle_buffer` records. Every process reads every
+    window of `config.input.shuffle_buffer` records. Every process reads every
     serialized record (P-fold read IO, no decode) and then parses, decodes
     and augments only its own share. Reading is cheap next to decoding, and
     this keeps batches independent of P. Resuming skips the serialized
     records of the current epoch: at most one epoch of reading.
 
-The two orders differ, so toggling `config.cache` on a TFDS dataset changes
+The two orders differ, so toggling `config.input.cache` on a TFDS dataset changes
 the batches (each is deterministic); for image folders it does not.
 
 Eval streams every example of a split exactly once across processes, in a
@@ -51,7 +51,7 @@ def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True  # Parallel maps keep element order.
   # No autotuning: parallel maps use one call per core, prefetch is
-  # config.prefetch. On the 2-core CPU the autotuner's own thread took CPU
+  # config.input.prefetch. On the 2-core CPU the autotuner's own thread took CPU
   # from the train step (quickstart: ~2,250 -> ~2,800 img/s without it), and
   # deleting an iterator waited for its sleeping optimisation loop, up to a
   # minute at the end of every run (46 s measured after 1,500 steps).
@@ -101,18 +101,18 @@ def train_iterator(config, *, local_batch_size: int, process_index: int = 0,
   """
   _check_batching(local_batch_size, process_index, process_count)
   source = sources.open_source(config)
-  split, seed = config.train_split, int(config.seed)
+  split, seed = config.input.train_split, int(config.seed)
   num_examples = source.split_size(split)
   if num_examples == 0:
     raise ValueError(f'Train split {split!r} of {source.name!r} is empty.')
-  augment = preprocess.train_preprocess(config.pp, config.image_size,
-                                        config.channels)
+  augment = preprocess.train_preprocess(config.pp, config.input.image_size,
+                                        config.input.channels)
 
   def prepare(position, example):
     image = augment(example['image'], order.example_seed(seed, position))
     return {'image': image, 'label': example['label']}
 
-  if config.cache:
+  if config.input.cache:
     fetch = cache.decode_split(source, split).lookup()
   elif (records := source.lookup(split)) is not None:
     fetch = lambda index: source.decode(records(index))
@@ -127,14 +127,14 @@ def train_iterator(config, *, local_batch_size: int, process_index: int = 0,
                 num_parallel_calls=_AUTOTUNE, deterministic=True)
   else:  # Streamed.
     ds = _streamed_positions(source, split, num_examples, seed,
-                             config.shuffle_buffer,
+                             config.input.shuffle_buffer,
                              start_step * local_batch_size * process_count)
     ds = ds.filter(lambda g, record: order.is_local(
         g, local_batch_size, process_index, process_count))
     ds = ds.map(lambda g, record: prepare(g, source.decode(record)),
                 num_parallel_calls=_AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  ds = ds.prefetch(config.prefetch).with_options(_options())
+  ds = ds.prefetch(config.input.prefetch).with_options(_options())
   return ds.as_numpy_iterator()
 
 
@@ -155,7 +155,7 @@ def eval_iterator(config, split: str, *, local_batch_size: int,
   source = sources.open_source(config)
   num_examples = source.split_size(split)
   num_batches = math.ceil(num_examples / (local_batch_size * process_count))
-  size, channels = config.image_size, config.channels
+  size, channels = config.input.image_size, config.input.channels
   resize = preprocess.eval_preprocess(config.pp, size, channels)
 
   def prepare(position, record):
@@ -174,5 +174,5 @@ def eval_iterator(config, split: str, *, local_batch_size: int,
       'image': tf.zeros([size, size, channels], tf.float32),
       'label': tf.constant(0, tf.int32),
       'mask': tf.constant(False)}).repeat(padding))
-  ds = ds.batch(local_batch_size).prefetch(config.prefetch)
+  ds = ds.batch(local_batch_size).prefetch(config.input.prefetch)
   return ds.with_options(_options()).as_numpy_iterator()

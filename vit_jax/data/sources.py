@@ -9,7 +9,7 @@ process decodes what after the cheap records are ordered and shared out.
     builders `fashion_mnist` (Debian's files) and `digits` (scikit-learn),
     which are prepared on first use. Records are read straight from the
     prepared TFRecord shards, honouring TFDS split slicing (`train[:98%]`).
-    With `config.tfds_reader='as_dataset'` records come from the builder's own
+    With `config.input.tfds_reader='as_dataset'` records come from the builder's own
     `as_dataset` instead: any TFDS file format, and `tfds.testing.mock_data`
     (which fakes `as_dataset`, not the shards) works, at the cost of reading a
     split in one fixed order (the window shuffle still applies).
@@ -35,7 +35,7 @@ from vit_jax.data import folder
 
 Record = dict[str, tf.Tensor]
 
-# How a TFDS dataset is read (config.tfds_reader); see the module docstring.
+# How a TFDS dataset is read (config.input.tfds_reader); see the module docstring.
 TFDS_READERS = ('shards', 'as_dataset')
 
 OFFLINE_BUILDERS = {
@@ -104,7 +104,7 @@ class TfdsSource:
       raise ValueError(
           f'Dataset {self.name!r} is stored as {file_format}; this pipeline reads '
           "TFRecord shards. Prepare it with the default file format, or set "
-          "config.tfds_reader='as_dataset'.")
+          "config.input.tfds_reader='as_dataset'.")
 
   def split_size(self, split: str) -> int:
     return self._split_info(split).num_examples
@@ -155,7 +155,7 @@ class TfdsSource:
 
 
 class TfdsAsDatasetSource(TfdsSource):
-  """A TFDS dataset read through `builder.as_dataset` (config.tfds_reader).
+  """A TFDS dataset read through `builder.as_dataset` (config.input.tfds_reader).
 
   Records are `{'image': encoded bytes, 'label': int64}` in the builder's own
   order; `shard_key` is ignored, so streamed training shuffles only within the
@@ -178,7 +178,7 @@ class TfdsAsDatasetSource(TfdsSource):
       raise FileNotFoundError(
           f'Dataset {self.name!r} is not prepared ({e}). Prepare it once where '
           f'the network is reachable (`tfds build {self.name}`), or set '
-          'config.data_dir to a directory that holds it.') from e
+          'config.input.data_dir to a directory that holds it.') from e
     except (KeyError, ValueError) as e:
       raise ValueError(
           f'Split {split!r} of dataset {self.name!r} is not available ({e}). '
@@ -188,7 +188,7 @@ class TfdsAsDatasetSource(TfdsSource):
     size = int(self._as_dataset(split).cardinality())
     if size < 0:
       raise ValueError(f'Split {split!r} of dataset {self.name!r} has no known '
-                       "size; use config.tfds_reader='shards'.")
+                       "size; use config.input.tfds_reader='shards'.")
     return size
 
   def records(self, split, shard_key=None):
@@ -234,7 +234,7 @@ def _offline_builder(name: str,
       except Exception as e:  # pylint: disable=broad-except
         raise FileNotFoundError(
             f'Dataset {name!r} is not prepared under {root} and preparing it '
-            f'failed: {e!r}. {_HOW_TO_GET[name]} Or set config.data_dir to a '
+            f'failed: {e!r}. {_HOW_TO_GET[name]} Or set config.input.data_dir to a '
             'directory that holds it.') from e
   return cls(data_dir=data_dir)
 
@@ -255,7 +255,7 @@ def _tfds_builder(name: str, data_dir: str | None,
         f'Dataset {name!r} is not prepared (looked in {builder.data_dir}). '
         f'Prepare it once where the network is reachable (`tfds build {name}'
         f'{flag}`; some datasets need a manual download, see their TFDS '
-        'page), or set config.data_dir to a directory that holds it.')
+        'page), or set config.input.data_dir to a directory that holds it.')
   return builder
 
 
@@ -264,18 +264,15 @@ def open_source(config) -> Source:
   name = config.dataset
   if name.startswith('folder:'):
     return folder.FolderSource(
-        name[len('folder:'):], train_split=config.train_split,
-        channels=config.channels,
-        skip_bad_images=config.get('skip_bad_images', False))
+        name[len('folder:'):], train_split=config.input.train_split,
+        channels=config.input.channels,
+        skip_bad_images=config.input.get('skip_bad_images', False))
   # .get: configs saved before the key existed read their shards.
-  reader = config.get('tfds_reader', 'shards')
-  if reader not in TFDS_READERS:
-    raise ValueError(f'config.tfds_reader={reader!r}; expected one of '
-                     f'{TFDS_READERS}.')
+  reader = config.input.get('tfds_reader', 'shards')
   if name in OFFLINE_BUILDERS:
-    builder = _offline_builder(name, config.data_dir)
+    builder = _offline_builder(name, config.input.data_dir)
   else:  # as_dataset reports a missing dataset itself (and mock_data fakes it).
-    builder = _tfds_builder(name, config.data_dir,
+    builder = _tfds_builder(name, config.input.data_dir,
                             check_prepared=reader == 'shards')
   if reader == 'as_dataset':
     return TfdsAsDatasetSource(name, builder)

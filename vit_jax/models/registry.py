@@ -223,4 +223,4 @@ def check_config(model: ml_collections.ConfigDict, image_size: int) -> None:
     create_model(model, 1)
     check_image_size(model, image_size)
   except ValueError as e:
-    raise ConfigError(f'config.model / config.image_size: {e}') from None
+    raise ConfigError(f'config.model / config.input.image_size: {e}') from None

@@ -54,8 +54,8 @@ def jpeg_folder_config(config: ml_collections.ConfigDict,
     write_jpeg_folder(root, count, seed=int(config.seed))
     config = ml_collections.ConfigDict(config)  # A copy, still locked.
     config.dataset = f'folder:{root}'
-    config.train_split, config.eval_splits = 'train', 'test'
-    config.cache = False
+    config.input.train_split, config.eval.splits = 'train', 'test'
+    config.input.cache = False
     yield config
 
 
@@ -68,7 +68,7 @@ def build_pipeline(config: ml_collections.ConfigDict, batch: int
   """
   info = data.get_dataset_info(config)
   iterator = data.train_iterator(config, local_batch_size=batch)
-  min_batches = 8 * (int(config.prefetch) + 1)
+  min_batches = 8 * (int(config.input.prefetch) + 1)
 
   def run(n: int) -> int:
     n = max(n, min_batches)
@@ -78,7 +78,7 @@ def build_pipeline(config: ml_collections.ConfigDict, batch: int
 
   dataset = config.dataset
   if dataset.startswith('folder:'):
-    dataset = f'folder of {info.num_examples[config.train_split]} JPEGs'
+    dataset = f'folder of {info.num_examples[config.input.train_split]} JPEGs'
   return run, info.num_classes, {
-      'pipeline_dataset': dataset, 'pipeline_cache': bool(config.cache),
+      'pipeline_dataset': dataset, 'pipeline_cache': bool(config.input.cache),
       'pipeline_train_crop': config.pp.train_crop}

@@ -87,10 +87,10 @@ def _optimizer(torch, model, config: ml_collections.ConfigDict):
            if n.endswith('.weight') and p.ndim >= 2]
   others = [p for n, p in model.named_parameters()
             if not (n.endswith('.weight') and p.ndim >= 2)]
-  wd = float(config.weight_decay)
+  wd = float(config.optim.weight_decay)
   groups = [{'params': decay, 'weight_decay': wd},
             {'params': others, 'weight_decay': 0.0}]
-  opt, lr = config.optim, float(config.lr.base)
+  opt, lr = config.optim, float(config.schedule.base_lr)
   if opt.name == 'sgd':
     return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum,
                            nesterov=opt.nesterov)
@@ -113,8 +113,8 @@ def build_timm_step(fields: ml_collections.ConfigDict, mode: str, batch: int,
   labels = torch.from_numpy(rng.integers(0, num_classes, batch).astype(np.int64))
   autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16,
                                     enabled=dtype == 'bfloat16')
-  clip = float(config.grad_clip_norm)
-  smoothing = float(config.label_smoothing)
+  clip = float(config.optim.grad_clip_norm)
+  smoothing = float(config.train.label_smoothing)
 
   if mode == 'train':
     model.train()

@@ -5,7 +5,8 @@
     python -m vit_jax.tools.benchmark --model=quickstart --batch=128 --mode=infer
     python -m vit_jax.tools.benchmark --pipeline              # quickstart's input
     python -m vit_jax.tools.benchmark --pipeline --pipeline_jpegs=512 \\
-        --model=ViT-S_16 --batch=16 --config.image_size=224 --config.channels=3 \\
+        --model=ViT-S_16 --batch=16 --config.input.image_size=224 \\
+        --config.input.channels=3 \\
         --config.pp.train_crop=inception
 
 The train step timed is the trainer's own (steps.make_train_step with the
@@ -15,7 +16,7 @@ After --warmup steps, each timed run is --steps steps; the report is the median
 of --repeats runs. `--model=quickstart` (or `config`) is the model section of
 --config at its image size and channels. --config's `cpu_devices` applies to
 every model: the default config's 2 splits a CPU host into two devices
-(`--config.cpu_devices=0` for JAX's one).
+(`--config.mesh.cpu_devices=0` for JAX's one).
 
 `--compare=timm` builds the same shape in timm (PyTorch, needs
 requirements-bench.txt) and interleaves the runs, [ours, timm] x repeats,
@@ -138,9 +139,9 @@ def resolve_shape(fv: flags.FlagValues, num_classes: Optional[int] = None
   models.get_model_config(model if isinstance(model, str) else model.name)
   use_config = from_config or fv.pipeline
   size = fv.image_size if fv['image_size'].present or not use_config else (
-      config.image_size)
+      config.input.image_size)
   channels = fv.channels if fv['channels'].present or not use_config else (
-      config.channels)
+      config.input.channels)
   if not fv['num_classes'].present and (from_config or num_classes):
     classes = num_classes or 10
   else:
@@ -179,7 +180,7 @@ def _bench_config(config: ml_collections.ConfigDict, model_fields_: Any,
   with bench.unlocked():
     bench.model = model_fields_
   bench.batch_size = batch
-  bench.image_size, bench.channels = shape[0], shape[2]
+  bench.input.image_size, bench.input.channels = shape[0], shape[2]
   return bench
 
 
@@ -195,7 +196,7 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
   """
   config = _bench_config(config, model_fields_, batch, shape)
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
-  parallel.check_batch_size(batch, mesh, config.accum_steps)
+  parallel.check_batch_size(batch, mesh, config.train.accum_steps)
   replicated = parallel.replicated(mesh)
   data = _random_batch(batch, shape, num_classes, mesh)
   start = time.perf_counter()
@@ -235,7 +236,7 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
 
   tree = holder['state'].params if mode == 'train' else params
   step_flops = (
-      flops.train_step_flops(lowered, model, shape, batch, config.accum_steps)
+      flops.train_step_flops(lowered, model, shape, batch, config.train.accum_steps)
       if mode == 'train' else flops.step_flops(lowered))
   return run, {'compile_s': compile_s, 'flops_per_step': step_flops,
                'num_devices': mesh.devices.size,

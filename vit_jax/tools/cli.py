@@ -14,7 +14,9 @@ from typing import Optional
 
 from absl import flags
 
+from vit_jax import config_keys
 from vit_jax import startup
+from vit_jax.config_checks import ConfigError
 from vit_jax.tools import loading
 
 Main = Callable[[flags.FlagValues, list[str]], None]
@@ -74,7 +76,11 @@ def run(define: Define, main: Main, argv: Optional[Sequence[str]] = None,
     print(f'{doc.strip()}\n\nFlags:\n{fv.get_help()}')
     return 0
   try:
+    config_keys.check_flags(argv)  # A moved key, named before parsing.
     rest = fv(argv)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   except flags.Error as e:
     print(f'usage error: {e}\nTry --help.', file=sys.stderr)
     return 2

@@ -11,7 +11,7 @@
 layout `checkpoint.load_npz` reads, holding a model of the config's
 `model` with a head for the config's dataset. Without `--config` a workdir's
 saved config is used. Config values can be overridden as in train.py
-(`--config.eval_batch_size=512`, `--config.data_dir=...`). The numbers come from
+(`--config.eval.batch_size=512`, `--config.input.data_dir=...`). The numbers come from
 vit_jax.evaluation's `evaluate` and the trainer's eval step: every example of the split counted
 once, over every device. Prints the metrics as JSON.
 """
@@ -56,16 +56,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
   """`eval_<split>_{top1,top5,loss,count}` of the checkpoint on each split."""
   config = ml_collections.ConfigDict(config)  # A copy: the eval splits change.
   if splits:
-    config.eval_splits = ','.join(splits)
+    config.eval.splits = ','.join(splits)
   data.check_config(config)
-  models.check_config(config.model, config.image_size)
+  models.check_config(config.model, config.input.image_size)
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.eval_batch_size, mesh)
+  parallel.check_batch_size(config.eval.batch_size, mesh)
   info = data.get_dataset_info(config)  # Fails on a missing dataset or split.
   model = models.create_model(config.model, info.num_classes)
   params = loading.load_params_any(checkpoint_path, step)
   loading.check_params_fit(
-      model, params, (config.image_size, config.image_size, config.channels),
+      model, params, (config.input.image_size, config.input.image_size,
+                      config.input.channels),
       checkpoint_path, hint=f'config model {config.model.name} with '
       f'{info.num_classes} classes of {config.dataset}')
   replicated = parallel.replicated(mesh)

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from vit_jax import checkpoint
+from vit_jax import config_keys
 from vit_jax import data
 from vit_jax import models
 from vit_jax.checkpoint import layouts
@@ -82,6 +83,9 @@ def saved_config(workdir: str, step: Optional[int] = None
                  ) -> ml_collections.ConfigDict:
   """The training config a workdir's checkpoint was written with (unlocked).
 
+  A config saved with the earlier flat key names comes back in the current
+  layout (vit_jax.config_keys.upgrade).
+
   Raises:
     FileNotFoundError: no checkpoints under `workdir`.
     ValueError: `step` has no checkpoint, or the checkpoint has no config.
@@ -90,7 +94,8 @@ def saved_config(workdir: str, step: Optional[int] = None
   if 'config' not in meta:
     raise ValueError(f'the checkpoint in {workdir} has no saved config; use '
                      '--checkpoint with --model instead.')
-  return ml_collections.ConfigDict(json.loads(meta['config']))
+  return ml_collections.ConfigDict(
+      config_keys.upgrade(json.loads(meta['config'])))
 
 
 def load_workdir(workdir: str, step: Optional[int] = None) -> TrainedModel:
@@ -103,7 +108,8 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> TrainedModel:
   config = saved_config(workdir, step)
   num_classes = _num_classes(params, workdir)
   model = models.create_model(config.model, num_classes)
-  image_shape = (config.image_size, config.image_size, config.channels)
+  size, channels = config.input.image_size, config.input.channels
+  image_shape = (size, size, channels)
   check_params_fit(model, params, image_shape, workdir)
   if getattr(model, 'scan_layers', False):
     # Scan and remat only speed up training; the tools read per-block names
@@ -113,7 +119,7 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> TrainedModel:
   return TrainedModel(
       model=model, params=params,
       class_names=_dataset_class_names(config, num_classes),
-      image_size=config.image_size, channels=config.channels,
+      image_size=config.input.image_size, channels=config.input.channels,
       pp=config.pp, source=str(workdir))
 
 
