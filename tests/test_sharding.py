@@ -10,7 +10,10 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import replica_slices
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -215,6 +218,35 @@ def test_checkpoint_restores_into_other_shardings_and_device_counts(tmp_path):
     assert got.sharding == want
     assert set(got.devices()) == set(mesh.devices.flat)
   _assert_trees_close(_numpy(restored), _numpy(saved), atol=0)
+
+
+def test_small_replicated_arrays_save_without_a_slice_per_replica(tmp_path):
+  """Replicated over 8 devices, an array under MIN_REPLICA_SLICE_BYTES is
+  written by one replica (no per-replica slicing, which compiled a small
+  program per array and replica); a large one still by all 8, in slices."""
+  mesh = parallel.make_mesh()
+  replicated = parallel.replicated(mesh)
+  small = jax.device_put(np.arange(8 * 41, dtype=np.float32).reshape(8, 41),
+                         replicated)
+  large = jax.device_put(np.ones((8, 2**18), np.float32), replicated)  # 8 MiB.
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  slices = {name: replica_slices.get_replica_slices(
+      x, replica_id=0, use_replica_parallel=True,
+      min_slice_bytes_for_replica_parallel=handler._min_slice_bytes_for_replica_parallel)
+      for name, x in (('small', small), ('large', large))}
+  assert [r.slice_args for r in slices['small'].replica_slices] == [None]
+  large_slices = slices['large'].replica_slices  # One per replica (device).
+  assert len(large_slices) == 8
+  assert all(r.slice_args is not None for r in large_slices)
+  manager = orbax_state.make_manager(str(tmp_path), async_save=False)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params={'w': small},
+                           opt_state=(), rng=jnp.zeros((2,), jnp.uint32),
+                           first_nonfinite_step=jnp.zeros((), jnp.int32),
+                           nonfinite_steps=jnp.zeros((), jnp.int32))
+  orbax_state.save(manager, state, {})
+  restored, _ = orbax_state.restore(manager, jax.eval_shape(lambda: state))
+  manager.close()
+  np.testing.assert_array_equal(restored.params['w'], small)
 
 
 @pytest.fixture(scope='module')
