@@ -4,6 +4,7 @@ and workdirs saved with the old names still resume and still load in the tools."
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,9 +21,9 @@ from vit_jax.tools import loading
 from tiny import ROOT
 from tiny import tiny_config
 
-# tiny_config(data_dir, total_steps=2, checkpoint_every=2) as the flat layout
-# saved it in a checkpoint's meta, before the keys were grouped (written out
-# here, not derived from the table under test).
+# tiny_config(data_dir) as the flat layout saved it in a checkpoint's meta,
+# before the keys were grouped (written out here, not derived from the table
+# under test).
 OLD_SAVED = {
     'seed': 0,
     'model': {'name': 'ViT-test_4', 'attention_dropout_rate': None,
@@ -41,7 +42,7 @@ OLD_SAVED = {
            'flip': True, 'eval_crop_fraction': 1.0, 'randaugment_layers': 0,
            'randaugment_magnitude': 10.0, 'randaugment_rule': 'reference',
            'random_erase_prob': 0.0},
-    'batch_size': 32, 'accum_steps': 1, 'total_steps': 2, 'total_epochs': None,
+    'batch_size': 32, 'accum_steps': 1, 'total_steps': 8, 'total_epochs': None,
     'optim': {'name': 'adamw', 'momentum': 0.9, 'nesterov': False,
               'accumulator_dtype': 'float32', 'b1': 0.9, 'b2': 0.999,
               'eps': 1e-08},
@@ -54,7 +55,7 @@ OLD_SAVED = {
     'ema_decay': 0.0, 'parallelism': 'jit', 'cpu_devices': 0,
     'mesh': {'data': -1, 'model': 1}, 'sharding': 'replicate',
     'fsdp_min_size': 262144, 'log_every': 2, 'eval_every': 4,
-    'checkpoint_every': 2, 'keep_checkpoints': 3, 'nan_policy': 'stop',
+    'checkpoint_every': 4, 'keep_checkpoints': 3, 'nan_policy': 'stop',
     'eval_batch_size': 64, 'peak_flops': None, 'write_plot': False,
 }
 # The resume identity such a checkpoint recorded.
@@ -111,38 +112,36 @@ def test_train_py_refuses_an_old_flag_before_starting(tmp_path):
 
 
 def test_an_old_saved_config_comes_back_in_the_current_layout(tmp_path):
-  want = json.loads(tiny_config(tmp_path, total_steps=2,
-                                checkpoint_every=2).to_json_best_effort())
+  want = json.loads(tiny_config(tmp_path).to_json_best_effort())
   old = dict(OLD_SAVED, data_dir=str(tmp_path))
   assert config_keys.upgrade(old) == want
   assert config_keys.upgrade(want) == want  # The current layout is kept.
 
 
 def test_a_workdir_saved_with_old_keys_resumes_and_loads_in_the_tools(
-    tmp_path, caplog):
-  data_dir, workdir = tmp_path / 'tfds', tmp_path / 'w'
-  trainer.train_and_evaluate(
-      tiny_config(data_dir, total_steps=2, checkpoint_every=2), str(workdir))
-  # Rewrite its checkpoint's meta as the flat layout wrote it.
-  meta_file = workdir / 'checkpoints' / '2' / 'meta' / 'metadata'
-  meta = json.loads(meta_file.read_text())
-  meta = {k: v for k, v in meta.items() if k in ('layout', 'digest')}
-  meta.update(OLD_RESUME_KEYS, config=json.dumps(
-      dict(OLD_SAVED, data_dir=str(data_dir))))
-  meta_file.write_text(json.dumps(meta))
+    tiny_run, tmp_path, caplog):
+  data_dir, workdir = tiny_run.data_dir, tmp_path / 'w'
+  shutil.copytree(tiny_run.workdir, workdir)
+  # Rewrite its checkpoints' meta as the flat layout wrote it.
+  for step in ('4', '8'):
+    meta_file = workdir / 'checkpoints' / step / 'meta' / 'metadata'
+    meta = json.loads(meta_file.read_text())
+    meta = {k: v for k, v in meta.items() if k in ('layout', 'digest')}
+    meta.update(OLD_RESUME_KEYS, config=json.dumps(
+        dict(OLD_SAVED, data_dir=str(data_dir))))
+    meta_file.write_text(json.dumps(meta))
 
   trained = loading.load_workdir(str(workdir))
   assert (trained.image_size, trained.channels, trained.num_classes) == (16, 1, 10)
   assert loading.saved_config(str(workdir)).schedule.base_lr == 0.001
   # Another batch size is still another run.
   with pytest.raises(ConfigError, match='batch_size: checkpoint 32 vs config 16'):
-    trainer.train_and_evaluate(
-        tiny_config(data_dir, total_steps=6, batch_size=16), str(workdir))
-  # The same run, longer: resumes at step 2 (the identity matches).
+    trainer.train_and_evaluate(tiny_config(data_dir, batch_size=16), str(workdir))
+  # The same run, longer: resumes at step 8 (the identity matches).
   with caplog.at_level(logging.INFO, logger='absl'):
     final = trainer.train_and_evaluate(
-        tiny_config(data_dir, total_steps=4, checkpoint_every=2), str(workdir))
-  assert any('at step 2' in r.getMessage() and 'Resumed' in r.getMessage()
+        tiny_config(data_dir, total_steps=10, eval_every=10), str(workdir))
+  assert any('at step 8' in r.getMessage() and 'Resumed' in r.getMessage()
              for r in caplog.records)
   assert orbax_state.load_meta(str(workdir))['train.accum_steps'] == 1
   assert final['eval_test_count'] == 500

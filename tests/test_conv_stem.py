@@ -99,8 +99,11 @@ def test_vit_with_conv_stem_params_and_tokens():
 def test_vit_with_conv_stem_trains():
   model = models.create_model('ViT-test_4', 10, conv_stem=(8,), patch_size=(2, 2))
   images = np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-  params = jax.tree.map(lambda p: p + 0.01, model.init(jax.random.key(0), images)['params'])
-  grads = jax.grad(lambda p: jnp.mean(model.apply({'params': p}, images) ** 2))(params)
+  # Jitted: one compile, not one per op of an eager forward and backward.
+  params = jax.tree.map(lambda p: p + 0.01,
+                        jax.jit(model.init)(jax.random.key(0), images)['params'])
+  grads = jax.jit(jax.grad(
+      lambda p: jnp.mean(model.apply({'params': p}, images) ** 2)))(params)
   stem_grads = jax.tree.leaves(grads['conv_stem'])
   assert all(np.all(np.isfinite(g)) for g in stem_grads)
   assert all(float(jnp.abs(g).sum()) > 0 for g in stem_grads)
@@ -128,11 +131,12 @@ def test_conv_stem_is_a_config_field_and_survives_npz(tmp_path):
   config.model.patch_size = (1, 1)
   model = models.create_model(config.model, 10)
   images = jnp.zeros((1, 28, 28, 1))
-  params = model.init(jax.random.key(0), images)['params']
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
   path = str(tmp_path / 'stem.npz')
   checkpoint.save_npz(path, params)
   loaded = checkpoint.load_npz(path)
   np.testing.assert_array_equal(loaded['conv_stem']['conv_1']['kernel'],
                                 params['conv_stem']['conv_1']['kernel'])
-  np.testing.assert_allclose(model.apply({'params': loaded}, images),
-                             model.apply({'params': params}, images))
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(apply({'params': loaded}, images),
+                             apply({'params': params}, images))

@@ -128,14 +128,16 @@ def test_per_device_mixing_equals_mixing_the_global_batch():
   mesh = parallel.make_mesh(8)
   section = _mixup(mixup_alpha=0.8, cutmix_alpha=1.0)
   batch = _batch(16)
+  mix_whole = jax.jit(lambda key, b: mixup.mix_batch(key, b, section,
+                                                     num_classes=10))
+  mix_per_device = jax.jit(jax.shard_map(
+      lambda key, b: mixup.mix_batch(key, b, section, num_classes=10,
+                                     axis_name=parallel.DATA_AXIS),
+      mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
+      out_specs=P(parallel.DATA_AXIS)))
   for seed in range(3):
     key = jax.random.key(seed)
-    whole = mixup.mix_batch(key, batch, section, num_classes=10)
-    per_device = jax.jit(jax.shard_map(
-        lambda b: mixup.mix_batch(key, b, section, num_classes=10,
-                                  axis_name=parallel.DATA_AXIS),
-        mesh=mesh, in_specs=P(parallel.DATA_AXIS),
-        out_specs=P(parallel.DATA_AXIS)))(batch)
+    whole, per_device = mix_whole(key, batch), mix_per_device(key, batch)
     for name in whole:
       np.testing.assert_allclose(per_device[name], whole[name], atol=1e-6)
 

@@ -153,7 +153,7 @@ def _numpy_vit(params, images, patch, num_heads):
 
 def _random_params(model, images, seed=0):
   """Initialised params with every leaf replaced by non-trivial random values."""
-  params = model.init(jax.random.key(seed), images)['params']
+  params = jax.eval_shape(model.init, jax.random.key(seed), images)['params']
   rng = np.random.default_rng(seed)
   return jax.tree.map(
       lambda p: (rng.normal(size=p.shape) * 0.3).astype(np.float32), params)
@@ -175,10 +175,11 @@ def test_bfloat16_compute_stays_close_to_float32():
   f32 = models.create_model('ViT-test_4', 10)
   bf16 = models.create_model('ViT-test_4', 10, dtype='bfloat16')
   params = _random_params(f32, images)
-  out32 = f32.apply({'params': params}, images)
-  out16 = bf16.apply({'params': params}, images)
+  out32 = jax.jit(f32.apply)({'params': params}, images)
+  out16 = jax.jit(bf16.apply)({'params': params}, images)
   assert out16.dtype == jnp.float32  # Logits come back in float32.
-  assert jax.tree.leaves(bf16.init(jax.random.key(0), images))[0].dtype == jnp.float32
+  assert jax.tree.leaves(jax.eval_shape(bf16.init, jax.random.key(0), images)
+                         )[0].dtype == jnp.float32
   scale = float(jnp.abs(out32).max())
   assert float(jnp.abs(out32 - out16).max()) < 0.05 * scale
   assert float(jnp.abs(out32 - out16).max()) > 0  # bf16 really was used.
@@ -189,9 +190,9 @@ def test_dropout_acts_only_when_training():
                               attention_dropout_rate=0.3, stochastic_depth=0.3)
   images = np.random.default_rng(3).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   params = _random_params(model, images)
-  apply = lambda train, seed: model.apply(
+  apply = jax.jit(lambda train, seed: model.apply(
       {'params': params}, images, train=train,
-      rngs={'dropout': jax.random.key(seed)})
+      rngs={'dropout': jax.random.key(seed)}), static_argnums=0)
   np.testing.assert_array_equal(apply(False, 0), apply(False, 1))
   assert not np.allclose(apply(True, 0), apply(True, 1))
   assert not np.allclose(apply(True, 0), apply(False, 0))
@@ -293,11 +294,12 @@ def test_fused_attention_matches_explicit():
 def test_forward_and_backward_are_finite(name):
   model = models.create_model(name, 10)
   images = np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  params = model.init(jax.random.key(0), images)['params']
+  # Jitted: one compile, not one per op of an eager forward and backward.
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
   params = jax.tree.map(lambda p: p + 0.01, params)  # Non-zero head: real gradients.
   loss = lambda p: jnp.mean(model.apply({'params': p}, images, train=True,
                                         rngs={'dropout': jax.random.key(1)})**2)
-  value, grads = jax.value_and_grad(loss)(params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
   assert np.isfinite(float(value))
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads))) > 0

@@ -15,6 +15,7 @@ import functools
 import glob
 import logging
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -223,10 +224,9 @@ def _config(data_dir, **overrides):
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory, data_dir):
-  workdir = tmp_path_factory.mktemp('finished') / 'work'
-  trainer.train_and_evaluate(_config(data_dir), str(workdir))
-  return workdir
+def finished(tiny_run):
+  """The session's 8-step tiny_config run: checkpoints 4 and 8 (copy to damage)."""
+  return pathlib.Path(tiny_run.workdir)
 
 
 def _data_files(item_dir):
@@ -294,7 +294,7 @@ def test_damaged_latest_checkpoint_is_moved_aside(finished, data_dir, tmp_path,
   shutil.copytree(finished, workdir)
   _damage(workdir, damage)
   with caplog.at_level(logging.WARNING):
-    assert _restore_latest(_config(data_dir), workdir) == (4, [4])
+    assert _restore_latest(tiny_config(data_dir), workdir) == (4, [4])
   _assert_moved_aside(workdir, caplog)
   if damage == 'replaced':
     assert 'the restored arrays differ from the saved ones' in caplog.text
@@ -306,7 +306,7 @@ def test_resume_past_a_damaged_checkpoint_ends_bitwise_equal(
   shutil.copytree(finished, workdir)
   _damage(workdir, 'replaced')  # Only the digest can tell.
   with caplog.at_level(logging.WARNING):
-    trainer.train_and_evaluate(_config(data_dir), str(workdir))
+    trainer.train_and_evaluate(tiny_config(data_dir), str(workdir))
   _assert_moved_aside(workdir, caplog)
   assert _steps(workdir) == [4, 8]
   for a, b in zip(jax.tree.leaves(checkpoint.load_params(finished)),
@@ -320,7 +320,7 @@ def test_no_intact_checkpoint_stops_and_moves_nothing(finished, data_dir, tmp_pa
   for step in (4, 8):
     _garble(workdir / 'checkpoints' / str(step) / 'params')
   with pytest.raises(orbax_state.NoGoodCheckpointError, match='step 8: .*step 4: '):
-    trainer.train_and_evaluate(_config(data_dir), str(workdir))
+    trainer.train_and_evaluate(tiny_config(data_dir), str(workdir))
   assert _steps(workdir) == [4, 8]
   assert not (workdir / orbax_state.CORRUPT_DIR).exists()
 
@@ -328,7 +328,7 @@ def test_no_intact_checkpoint_stops_and_moves_nothing(finished, data_dir, tmp_pa
 def test_changed_model_is_refused_not_taken_for_damage(finished, data_dir, tmp_path):
   workdir = tmp_path / 'work'
   shutil.copytree(finished, workdir)
-  config = _config(data_dir, model={'num_layers': 2})
+  config = tiny_config(data_dir, model={'num_layers': 1})
   with pytest.raises(config_checks.ConfigError,
                      match=r'(?s)another model or optimizer .*encoderblock_1'):
     trainer.train_and_evaluate(config, str(workdir))

@@ -91,7 +91,7 @@ def test_eval_step_counts_hits_and_ignores_padding():
   model = models.create_model('ViT-test_4', 10)
   eval_step = jax.jit(steps.make_eval_step(model, num_classes=10))
   images = jnp.zeros((4,) + IMAGE_SHAPE)
-  params = model.init(jax.random.key(0), images)['params']
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
   # Head bias fixes the ranking: class 3 > 2 > 1 > 0 > 4 > ... for every image.
   bias = np.full(10, -1.0, np.float32)
   bias[[3, 2, 1, 0, 4]] = [5, 4, 3, 2, 1]
@@ -111,7 +111,7 @@ def test_constant_logits_score_one_class_not_all():
   model = models.create_model('ViT-test_4', 10)
   eval_step = jax.jit(steps.make_eval_step(model, num_classes=10))
   images = jnp.zeros((10,) + IMAGE_SHAPE)
-  params = model.init(jax.random.key(0), images)['params']  # zero head: ties
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']  # zero head: ties
   batch = {'image': images, 'label': jnp.arange(10), 'mask': jnp.ones(10, bool)}
   out = jax.device_get(eval_step(params, batch))
   assert float(out['top1']) == 1 and float(out['top5']) == 5

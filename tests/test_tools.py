@@ -1,6 +1,5 @@
 """The tools (predict, attention_map, export, evaluate) on a tiny digits workdir."""
 
-import fcntl
 import json
 import os
 import subprocess
@@ -17,7 +16,6 @@ from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import metrics
 from vit_jax import models
-from vit_jax import trainer
 from vit_jax.checkpoint import layouts
 from vit_jax.data import sources
 from vit_jax.tools import attention_map
@@ -31,34 +29,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def shared_dir(tmp_path_factory):
-  """A directory both pytest-xdist workers see, so the digits data and the
-  trained workdir are made once per session, not once per worker."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent
-  path = root / 'tools_shared'
-  path.mkdir(exist_ok=True)
-  return path
+def data_dir(tiny_run):
+  return tiny_run.data_dir
 
 
 @pytest.fixture(scope='module')
-def data_dir(shared_dir):
-  return shared_dir / 'tfds'
-
-
-@pytest.fixture(scope='module')
-def workdir(shared_dir, data_dir):
-  """Two steps of tests/test_train.py's tiny ViT on digits (eval + checkpoint)."""
-  path = shared_dir / 'work'
-  with open(shared_dir / '.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (shared_dir / 'work.done').exists():
-      trainer.train_and_evaluate(
-          tiny_config(data_dir, total_steps=2, eval_every=2, checkpoint_every=2),
-          str(path))
-      (shared_dir / 'work.done').touch()
-  return str(path)
+def workdir(tiny_run):
+  """tests/tiny.py's tiny ViT after 8 steps on digits (the session's run)."""
+  return tiny_run.workdir
 
 
 @pytest.fixture(scope='module')

@@ -23,15 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('tfds')
+def data_dir(tiny_run):
+  return tiny_run.data_dir
 
 
 @pytest.fixture(scope='module')
-def finished_run(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp('run') / 'work')
-  final = trainer.train_and_evaluate(tiny_config(data_dir), workdir)
-  return workdir, final
+def finished_run(tiny_run):
+  """(workdir, final metrics) of tiny_config's 8 steps (shared; copy to change)."""
+  return tiny_run.workdir, tiny_run.final
 
 
 def test_metrics_jsonl_has_the_contract_names(finished_run):
@@ -146,12 +145,18 @@ def _tiny_quickstart(workdir, data_dir, *extra, **model):
       '--config.eval.batch_size=100', *extra, **model)
 
 
-def test_train_py_cli_overrides_and_writes_workdir(data_dir, tmp_path):
+def test_train_py_applies_overrides_and_cpu_devices_and_writes_the_workdir(
+    data_dir, tmp_path):
+  # One process for both: the overrides reach the run, and config.mesh.cpu_devices
+  # splits the CPU before JAX starts (the conv stem is the quickstart's kind).
   workdir = tmp_path / 'cli'
   proc = _run_train_py(*_tiny_quickstart(
       workdir, data_dir, '--config.total_steps=3', '--config.log_every=1',
-      '--config.metrics.write_plot=True'))
+      '--config.metrics.write_plot=True', conv_stem='(8,)', patch_size='(2,2)',
+      cpu_devices=2))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '2 local / 2 global devices' in proc.stderr
+  assert 'batch 16 on 2 devices' in proc.stderr
   assert 'step 3/3 (100%)' in proc.stderr
   steps = [r['step'] for r in metrics.read_metrics(str(workdir)) if 'train_loss' in r]
   assert steps == [1, 2, 3]
@@ -172,16 +177,6 @@ def test_train_py_reports_config_errors_without_a_traceback(tmp_path):
   assert proc.returncode != 0
   assert 'warmup_steps 200 exceeds config.total_steps 10' in proc.stderr
   assert 'Traceback' not in proc.stderr
-
-
-def test_train_py_splits_the_cpu_into_config_cpu_devices(data_dir, tmp_path):
-  proc = _run_train_py(*_tiny_quickstart(
-      tmp_path / 'w', data_dir, '--config.total_steps=2',
-      '--config.metrics.write_plot=False', conv_stem='(8,)', patch_size='(2,2)',
-      cpu_devices=2))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert '2 local / 2 global devices' in proc.stderr
-  assert 'batch 16 on 2 devices' in proc.stderr
 
 
 def test_cpu_devices_after_jax_started_changes_nothing():

@@ -115,11 +115,9 @@ def write_folder(root, num_classes=3, per_class=4):
 
 
 @pytest.fixture(scope='module')
-def tiny_pretrained(tmp_path_factory):
-  root = tmp_path_factory.mktemp('tiny')
-  workdir = str(root / 'pretrain')
-  trainer.train_and_evaluate(tiny_config(root / 'tfds'), workdir)
-  return workdir, root / 'tfds'
+def tiny_pretrained(tiny_run):
+  """(workdir, data_dir): the session's 8-step tiny run as a pre-training."""
+  return tiny_run.workdir, tiny_run.data_dir
 
 
 def test_finetune_from_a_workdir_with_new_classes_and_resolution(
