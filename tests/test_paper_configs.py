@@ -4,17 +4,17 @@ steps on `tfds.testing.mock_data` (no download), with a tiny model swapped in.""
 import functools
 import os
 
-from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import augreg_finetune
 from configs import vit_paper
-from test_train import tiny_config
+from tiny import SHRINK
+from tiny import parse_config as parse
+from tiny import tiny_config
 from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import evaluation
@@ -34,24 +34,6 @@ SPECS = ([f'vit_paper.py:ViT-B_16,{d}' for d in vit_paper.TASKS]
 # cifar.py and vit_b16.py are checked to be vit_paper.py's configs).
 RUN_SPECS = ([f'vit_paper.py:ViT-B_16,{d}' for d in vit_paper.TASKS]
              + ['augreg_finetune.py:B_16'])
-# What a run needs to take seconds: 8 simulated devices, 16 mock examples, a
-# one-layer ViT-test_4 on 8 px inputs (2x2 patches).
-SHRINK = dict(batch_size=16, total_steps=3, log_every=1, eval_every=3,
-              checkpoint_every=3, eval={'batch_size': 16},
-              input={'image_size': 8, 'tfds_reader': 'as_dataset',
-                     'shuffle_buffer': 16},
-              metrics={'write_plot': False})
-
-
-def parse(spec: str):
-  """The config `train.py --config=configs/<spec>` gets (locked)."""
-  fv = flags.FlagValues()
-  argv = ['train.py', f'--config={ROOT}/configs/{spec}']
-  config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
-  fv(argv)
-  return fv.config
-
-
 @functools.lru_cache(maxsize=None)
 def abstract_params(model_name: str, image_size: int, num_classes: int):
   model = models.create_model(model_name, num_classes)

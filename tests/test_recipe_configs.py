@@ -19,8 +19,8 @@ from configs import common
 from configs import deit_s
 from configs import fashion_mnist_long
 from configs import vit_s16_i1k
-from test_paper_configs import parse
-from test_paper_configs import SHRINK
+from tiny import SHRINK
+from tiny import parse_config as parse
 from vit_jax import config_keys
 from vit_jax import evaluation
 from vit_jax import metrics

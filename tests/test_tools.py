@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from test_train import tiny_config
+from tiny import tiny_config
 from tiny import quickstart_on_digits
 from vit_jax import checkpoint
 from vit_jax import data

@@ -23,7 +23,7 @@ from vit_jax import models
 from vit_jax import trainer
 from vit_jax.data import fashion_mnist
 
-import test_train
+from tiny import tiny_config as base_tiny_config
 
 POSEMB = 'Transformer/posembed_input/pos_embedding'
 SMALL_VIT = {'model.hidden_size': 64, 'model.num_layers': 2,
@@ -97,7 +97,7 @@ def test_finetuning_beats_training_from_scratch(fashion_pretrained, fashion_dir,
 # ------------------------------------------------------------ workdir sources
 def tiny_config(data_dir, **values):
   """test_train's 8-step ViT-test_4 (hidden 32, 2 blocks) on digits at 16 px."""
-  config = test_train.tiny_config(data_dir)
+  config = base_tiny_config(data_dir)
   return override(config, data_dir, **values)
 
 

@@ -2,6 +2,9 @@
 
 import os
 
+from absl import flags
+from ml_collections import config_flags
+
 from configs import common
 from vit_jax import models
 
@@ -68,3 +71,21 @@ def step_config(**overrides):
   config.lock()
   config.update(overrides)
   return config
+
+
+# What a run needs to take seconds: 8 simulated devices, 16 mock examples, a
+# one-layer ViT-test_4 on 8 px inputs (2x2 patches).
+SHRINK = dict(batch_size=16, total_steps=3, log_every=1, eval_every=3,
+              checkpoint_every=3, eval={'batch_size': 16},
+              input={'image_size': 8, 'tfds_reader': 'as_dataset',
+                     'shuffle_buffer': 16},
+              metrics={'write_plot': False})
+
+
+def parse_config(spec: str):
+  """The config `train.py --config=configs/<spec>` gets (locked)."""
+  fv = flags.FlagValues()
+  argv = ['train.py', f'--config={ROOT}/configs/{spec}']
+  config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
+  fv(argv)
+  return fv.config
