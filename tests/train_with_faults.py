@@ -20,7 +20,6 @@ The same wrappers are used in-process by tests/test_reliability.py through
 import os
 import signal
 import sys
-from typing import Optional
 
 import numpy as np
 
@@ -33,7 +32,7 @@ def _kill_self() -> None:
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install(fault: Optional[str], patch=None) -> None:
+def install(fault: str | None, patch=None) -> None:
   """Wraps vit_jax.data.train_iterator / vit_jax.checkpoint.orbax_state.save for `fault`.
 
   Args:

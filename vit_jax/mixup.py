@@ -24,7 +24,7 @@ Config section `config.mixup` (configs/common.py): mixup_alpha, cutmix_alpha
 (0 = off), prob, switch_prob.
 """
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ def check_mixup(mixup: Mapping[str, Any]) -> None:
             f'config.mixup.{key} must be in [0, 1], got {mixup[key]}')
 
 
-def is_enabled(mixup: Optional[Mapping[str, Any]]) -> bool:
+def is_enabled(mixup: Mapping[str, Any] | None) -> bool:
   """Whether a step with this `config.mixup` mixes anything (static)."""
   return mixup is not None and (mixup['mixup_alpha'] > 0 or
                           mixup['cutmix_alpha'] > 0) and mixup['prob'] > 0
@@ -112,7 +112,7 @@ def sample_mixing(rng: jax.Array, mixup: Mapping[str, Any], height: int,
   return lam, use_cutmix, mask & use_cutmix
 
 
-def _partner(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+def _partner(x: jax.Array, axis_name: str | None) -> jax.Array:
   """Each row's partner: the global batch reversed (see the module docstring)."""
   if axis_name is not None:
     n = jax.lax.axis_size(axis_name)
@@ -123,7 +123,7 @@ def _partner(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
 def mix_batch(rng: jax.Array, batch: Mapping[str, jax.Array],
               mixup: Mapping[str, Any], *, num_classes: int,
               label_smoothing: float = 0.0,
-              axis_name: Optional[str] = None) -> dict[str, jax.Array]:
+              axis_name: str | None = None) -> dict[str, jax.Array]:
   """Mixes `batch` ({'image': [B, H, W, C], 'label': int [B]}).
 
   Returns the batch with mixed images and soft targets 'label' [B, num_classes]

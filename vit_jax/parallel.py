@@ -14,7 +14,7 @@ sharded as the rules of vit_jax.sharding say (default: replicated; FSDP over
   (vit_jax.sharding.check_sharding says so before compiling).
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -56,10 +56,9 @@ def use_cpu_devices(count: int) -> bool:
 
   The step then runs data-parallel over them like over any devices, each
   device executing its ops on its own share of the cores. Small models gain:
-  one device's ops are too small for its intra-op threads, two devices keep
-  both cores of this project's CPU busy (the quickstart's 64-wide ViT trains
-  at 1.6x the images per second). Large ones do not (a 128-wide ViT gained
-  nothing). Accelerators are unaffected: it sets only the CPU backend.
+  one device's ops are too small for its intra-op threads, and one device per
+  core keeps every core busy; large ones do not (docs/benchmarks.md has the
+  numbers). Accelerators are unaffected: it sets only the CPU backend.
 
   JAX reads this when it starts its backends, so it must run before anything
   touches a device; `train.py` calls it first. Called later (a notebook, a
@@ -84,7 +83,7 @@ def use_cpu_devices(count: int) -> bool:
     return have == count
 
 
-def make_mesh(num_devices: Optional[int] = None, *, data: int = -1,
+def make_mesh(num_devices: int | None = None, *, data: int = -1,
               model: int = 1) -> Mesh:
   """A (`data`, `model`) mesh over the first `num_devices` devices (default all).
 

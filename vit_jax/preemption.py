@@ -27,7 +27,6 @@ collective, and the signal may reach only some hosts. How they agree:
 import signal
 import threading
 import types
-from typing import Optional
 
 from absl import logging
 import jax
@@ -40,7 +39,7 @@ class PreemptionWatch:
   def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
     self._signals = signals
     self._previous: dict[int, object] = {}
-    self._received: Optional[int] = None
+    self._received: int | None = None
     self._multiprocess = jax.process_count() > 1
     self._service_off = False
 
@@ -60,7 +59,7 @@ class PreemptionWatch:
       signal.signal(sig, handler)
     self._previous.clear()
 
-  def _handle(self, signum: int, frame: Optional[types.FrameType]) -> None:
+  def _handle(self, signum: int, frame: types.FrameType | None) -> None:
     del frame
     if self._received is None:
       logging.warning('Received %s: saving after the current step, then exiting.',

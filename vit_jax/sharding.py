@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import ml_collections
@@ -102,7 +102,7 @@ def parse_rules(sharding: Any) -> Rules:
   return tuple(rules)
 
 
-def _model_axis(name: str, ndim: int) -> Optional[tuple[int, str]]:
+def _model_axis(name: str, ndim: int) -> tuple[int, str] | None:
   """(axis, 'num_heads' | 'mlp_dim') split by 'model', or None."""
   for regex, axis, what in _MODEL_AXES:
     if regex.fullmatch(name) and ndim >= -axis:

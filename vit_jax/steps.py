@@ -11,7 +11,7 @@ a count in the state, which the loop reads only where it syncs anyway (log,
 eval and checkpoint steps). See `NAN_POLICIES`.
 """
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
@@ -115,7 +115,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     accum_steps: int = 1,
                     parallelism: str = 'jit',
                     nan_policy: str = 'stop',
-                    mixup: Optional[Mapping[str, Any]] = None,
+                    mixup: Mapping[str, Any] | None = None,
                     ema_decay: float = 0.0) -> Callable[[TrainState, Batch],
                                                        tuple[TrainState, Metrics]]:
   """The update step: loss, (accumulated) gradients, optimizer update.

@@ -9,11 +9,10 @@ were the quickstart's when the numbers below were measured), so retuning
 configs/quickstart.py does not move them. Step 2 fine-tunes the workdir this
 writes on 300 digits: configs/transfer/digits_finetune.py.
 
-Measured (2-core shared CPU, 1 device, 172 img/s): 7m10s wall, Fashion-MNIST
-test top-1 67.8% after 500 steps of batch 128 (about one epoch; the random crop
-zooms by 8/7 while evaluation does not, which costs accuracy at this budget).
-More steps make a better backbone; the transfer gain below was measured with
-this one. See README, "Fine-tuning".
+Expected (measured): Fashion-MNIST test top-1 67.8% after 500 steps of batch
+128 (about one epoch; the random crop zooms by 8/7 while evaluation does not,
+which costs accuracy at this budget). More steps make a better backbone; the
+transfer gain was measured with this one. docs/recipes.md, "Fine-tuning".
 """
 
 import ml_collections

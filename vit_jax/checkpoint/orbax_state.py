@@ -28,7 +28,7 @@ not damage: that error is raised as it is, and nothing is moved.
 
 import dataclasses
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
@@ -66,9 +66,9 @@ def checkpoint_dir(path: str) -> epath.Path:
 
 # Orbax saves a replicated array "replica-parallel" by default (not on GPUs):
 # each replica writes one slice, and every slice is a small jitted program,
-# compiled once per array shape and device. On 8 CPU devices that was ~150
-# compiles and several seconds at the first save of a run. Slices under
-# 1 MiB are written by one replica; large arrays still save in parallel.
+# compiled once per array shape and device, which made the first save of a
+# run slow on many devices (docs/benchmarks.md). Slices under 1 MiB are
+# written by one replica; large arrays still save in parallel.
 MIN_REPLICA_SLICE_BYTES = 2**20
 
 
@@ -178,8 +178,8 @@ def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any]) -> No
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
-            step: Optional[int] = None,
-            check_meta: Optional[Callable[[dict[str, Any]], None]] = None
+            step: int | None = None,
+            check_meta: Callable[[dict[str, Any]], None] | None = None
             ) -> tuple[Any, dict[str, Any]]:
   """Restores the state at `step` (default latest) into `abstract_state`'s shardings.
 
@@ -235,7 +235,7 @@ def _check_layout(where: str, saved: dict[str, str], current: dict[str, str]) ->
       'the model/optimizer settings of the run that wrote it.')
 
 
-def load_params(path: str, step: Optional[int] = None, *,
+def load_params(path: str, step: int | None = None, *,
                 ema: bool = False) -> dict[str, Any]:
   """The params tree saved in a workdir (or its checkpoints/ dir), as numpy.
 
@@ -267,7 +267,7 @@ def load_params(path: str, step: Optional[int] = None, *,
   return jax.tree.map(np.asarray, restored[item])
 
 
-def load_meta(path: str, step: Optional[int] = None) -> dict[str, Any]:
+def load_meta(path: str, step: int | None = None) -> dict[str, Any]:
   """The `meta` JSON of a workdir's checkpoint (its config under 'config')."""
   _, restored = _restore_read_only(
       path, step, lambda manager, step: {'meta': ocp.args.JsonRestore()})
@@ -275,7 +275,7 @@ def load_meta(path: str, step: Optional[int] = None) -> dict[str, Any]:
 
 
 def _restore_read_only(
-    path: str, step: Optional[int],
+    path: str, step: int | None,
     make_args: Callable[[ocp.CheckpointManager, int], dict[str, Any]]
 ) -> tuple[int, Any]:
   """(step, items) restored from `step` (default latest) of a workdir."""
@@ -334,7 +334,7 @@ class NoGoodCheckpointError(RuntimeError):
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, *,
                    workdir: str,
                    check_meta: Callable[[dict[str, Any]], None]
-                   ) -> Optional[tuple[Any, dict[str, Any]]]:
+                   ) -> tuple[Any, dict[str, Any]] | None:
   """(state, meta) of the newest intact checkpoint, or None if there is none.
 
   Args:

@@ -51,10 +51,9 @@ def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True  # Parallel maps keep element order.
   # No autotuning: parallel maps use one call per core, prefetch is
-  # config.input.prefetch. On the 2-core CPU the autotuner's own thread took CPU
-  # from the train step (quickstart: ~2,250 -> ~2,800 img/s without it), and
-  # deleting an iterator waited for its sleeping optimisation loop, up to a
-  # minute at the end of every run (46 s measured after 1,500 steps).
+  # config.input.prefetch. On a 2-core CPU the autotuner's own thread took CPU
+  # from the train step, and deleting an iterator waited for its sleeping
+  # optimisation loop at the end of every run (docs/benchmarks.md).
   options.autotune.enabled = False
   return options
 

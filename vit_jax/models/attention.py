@@ -22,8 +22,8 @@ Dtype = Any
 #   'fused' : jax.nn.dot_product_attention, which picks a fused kernel where the
 #             backend has one (cuDNN flash attention on GPU for bf16/fp16) and
 #             XLA's own composition elsewhere (CPU, TPU, float32 on GPU);
-#             on CPU that composition is ~1.8x slower than 'xla' (ViT-Ti/16
-#             shapes, forward), so keep 'xla' there.
+#             on CPU that composition is slower than 'xla' (docs/benchmarks.md),
+#             so keep 'xla' there.
 #             Same params and, in float32, the same numbers to ~1e-6; in bf16 a
 #             fused kernel may round differently from 'xla'. It never sows
 #             weights, and it falls back to the explicit path while training
@@ -72,9 +72,9 @@ class MultiHeadDotProductAttention(nn.Module):
     if self.impl == 'fused' and not use_dropout:
       out = jax.nn.dot_product_attention(query, key, value)
     else:
-      # Heads-major copies first: XLA's CPU dot emitter is ~3x slower on the
-      # batched products when the head axis sits between tokens and features,
-      # and an explicit transpose is cheap next to either product.
+      # Heads-major copies first: XLA's CPU dot emitter is several times slower
+      # on the batched products when the head axis sits between tokens and
+      # features (docs/benchmarks.md), and a transpose is cheap next to either.
       query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
       scale = 1.0 / jnp.sqrt(head_dim).astype(self.dtype)
       logits = jnp.einsum('bhqd,bhkd->bhqk', query * scale, key)

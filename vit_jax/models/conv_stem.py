@@ -38,9 +38,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
   Computed as nine strided slices and one matmul over their concatenation
   (im2col). It is exactly `lax.conv_general_dilated(x, kernel, (s, s), 'SAME')`
-  (tested), but XLA CPU runs it faster: forward + backward of a 32->64-channel
-  stride-2 stage at batch 128 took 9.5 ms against the conv's 21.7 ms (measured
-  here); stages with few channels are about even.
+  (tested), and XLA CPU runs the wider stages' forward and backward faster
+  than its own conv (docs/benchmarks.md, "Measurements behind choices").
   """
   batch, height, width, channels = x.shape
   out_h, out_w = _out_side(height, stride), _out_side(width, stride)

@@ -5,7 +5,7 @@ channel_mixing}` (each mixing MLP has `Dense_0`, `Dense_1`),
 `pre_head_layer_norm`, `head` (zero-initialised kernel).
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,7 +44,7 @@ class MixerBlock(nn.Module):
 
 class MlpMixer(nn.Module):
   """Mixer: patch conv -> blocks -> LayerNorm -> global average pool -> head."""
-  num_classes: Optional[int]
+  num_classes: int | None
   patch_size: Sequence[int]
   hidden_size: int
   num_layers: int

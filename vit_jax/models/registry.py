@@ -11,7 +11,7 @@ anything is traced.
 """
 
 import difflib
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -139,7 +139,7 @@ def model_section(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   return section
 
 
-def _resolve(name_or_config: Union[str, ml_collections.ConfigDict],
+def _resolve(name_or_config: str | ml_collections.ConfigDict,
              overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """Registered config (or a copy of the given one) with overrides applied."""
   if isinstance(name_or_config, str):
@@ -159,8 +159,8 @@ def _resolve(name_or_config: Union[str, ml_collections.ConfigDict],
   return config
 
 
-def create_model(name_or_config: Union[str, ml_collections.ConfigDict],
-                 num_classes: Optional[int], **overrides: Any) -> nn.Module:
+def create_model(name_or_config: str | ml_collections.ConfigDict,
+                 num_classes: int | None, **overrides: Any) -> nn.Module:
   """Builds the flax Module for a registered name or a model ConfigDict.
 
   Args:
@@ -192,7 +192,7 @@ def create_model(name_or_config: Union[str, ml_collections.ConfigDict],
   return VisionTransformer(num_classes=num_classes, **kwargs)
 
 
-def check_image_size(name_or_config: Union[str, ml_collections.ConfigDict],
+def check_image_size(name_or_config: str | ml_collections.ConfigDict,
                      image_size: int) -> None:
   """Raises ValueError, before any compile, if the model cannot take `image_size`."""
   config = _resolve(name_or_config, {})

@@ -12,13 +12,13 @@ Two switches change how the encoder is compiled, not what it computes:
 [num_layers] axis under `Transformer/encoderblock/`, the big_vision layout; the
 program holds one block instead of num_layers copies), and `remat_policy`
 recomputes each block's activations in the backward pass (`jax.checkpoint`)
-instead of keeping them, trading compute for memory. On CPU (ViT-B/16, batch 8)
-only the two together cut peak memory (about 0.55x); scan alone raised it and
-slowed the step, and XLA's cost analysis counts a scanned block once.
+instead of keeping them, trading compute for memory. On CPU only the two
+together cut peak memory; scan alone raised it and slowed the step
+(docs/benchmarks.md), and XLA's cost analysis counts a scanned block once.
 `checkpoint.layouts.stack_encoder_blocks` / `unstack_encoder_blocks` convert params.
 """
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,7 @@ REMAT_POLICIES = ('none', 'full', 'dots_saveable',
                   'everything_saveable')
 
 
-def check_remat_policy(name: str) -> Optional[Callable[..., bool]]:
+def check_remat_policy(name: str) -> Callable[..., bool] | None:
   """The `jax.checkpoint` policy for `name` (None: save nothing); raises if unknown."""
   if name not in REMAT_POLICIES:
     raise ValueError(f'remat_policy {name!r} not in {REMAT_POLICIES}')
@@ -274,7 +274,7 @@ class VisionTransformer(nn.Module):
   or pooled features when `num_classes` is None; per-token outputs for the
   `unpooled` classifiers.
   """
-  num_classes: Optional[int]
+  num_classes: int | None
   patch_size: Sequence[int]
   hidden_size: int
   num_layers: int
@@ -284,10 +284,10 @@ class VisionTransformer(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   classifier: str = 'token'
-  representation_size: Optional[int] = None
+  representation_size: int | None = None
   posemb: str = 'learn'
   head_bias_init: float = 0.0
-  resnet: Optional[Any] = None       # resnet_stem kwargs: num_layers, width_factor.
+  resnet: Any | None = None  # resnet_stem kwargs: num_layers, width_factor.
   conv_stem: Sequence[int] = ()      # ConvStem widths (3x3/2 convs); () = none.
   conv_stem_depth: int = 1           # 3x3 layers per ConvStem stage (1 at stride 2).
   dtype: Dtype = jnp.float32

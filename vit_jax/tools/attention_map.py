@@ -28,7 +28,6 @@ MLP-Mixer has no attention; it is refused with a message.
 
 import dataclasses
 import sys
-from typing import Optional
 
 from absl import flags
 import jax
@@ -70,7 +69,7 @@ class Attention:
     probs: class probabilities [classes].
   """
   weights: np.ndarray
-  probe: Optional[np.ndarray]
+  probe: np.ndarray | None
   classifier: str
   grid: tuple[int, int]
   image: np.ndarray
@@ -161,7 +160,7 @@ def _parse_layers(spec: str, num_layers: int) -> list[int]:
 
 
 def render(att: Attention, out: str, *, title: str = '',
-           layers: Optional[list[int]] = None) -> None:
+           layers: list[int] | None = None) -> None:
   """Writes the PNG: rollout in the first row, then one row per layer."""
   maps = head_maps(att)
   layers = list(range(len(maps))) if layers is None else layers
@@ -174,7 +173,7 @@ def render(att: Attention, out: str, *, title: str = '',
   picture = picture[..., 0] if picture.shape[-1] == 1 else picture
   extent = (0, size, size, 0)
 
-  def panel(ax, heat: Optional[np.ndarray], label: str) -> None:
+  def panel(ax, heat: np.ndarray | None, label: str) -> None:
     ax.imshow(picture, cmap='gray', vmin=0.0, vmax=1.0, extent=extent)
     if heat is not None:
       ax.imshow(heat / max(float(heat.max()), 1e-12), cmap='inferno',

@@ -7,7 +7,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 
@@ -39,7 +39,7 @@ def time_rounds(runs: dict[str, Run], *, steps_per_run: int, repeats: int,
   return times
 
 
-def device_peak_memory() -> Optional[int]:
+def device_peak_memory() -> int | None:
   """Peak bytes in use on device 0, where the backend reports it (not CPU)."""
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
@@ -58,7 +58,7 @@ def summarize(seconds: list[float], batch: int, prefix: str = '') -> dict[str, A
           f'{prefix}img_per_sec_runs': [batch / s for s in seconds]}
 
 
-def efficiency(step_flops: Optional[float], step_s: float, num_devices: int
+def efficiency(step_flops: float | None, step_s: float, num_devices: int
                ) -> dict[str, Any]:
   """flops_per_sec and mfu (None where cost analysis or the peak is unknown)."""
   peak = flops.peak_flops_per_device(jax.devices()[0])

@@ -40,7 +40,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 from absl import flags
 import jax
@@ -125,7 +125,7 @@ def check_flags(fv: flags.FlagValues) -> None:
 # --------------------------------------------------------------------------------
 # What to build: model config, input shape, classes.
 # --------------------------------------------------------------------------------
-def resolve_shape(fv: flags.FlagValues, num_classes: Optional[int] = None
+def resolve_shape(fv: flags.FlagValues, num_classes: int | None = None
                   ) -> tuple[Any, tuple[int, int, int], int]:
   """(model name or config section, (size, size, channels), num_classes).
 

@@ -10,7 +10,6 @@ line and exit code 2.
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Optional
 
 from absl import flags
 
@@ -62,7 +61,7 @@ def load_model(fv: flags.FlagValues) -> loading.TrainedModel:
                                class_names_file=fv.class_names)
 
 
-def run(define: Define, main: Main, argv: Optional[Sequence[str]] = None,
+def run(define: Define, main: Main, argv: Sequence[str] | None = None,
         doc: str = '') -> int:
   """Parses `argv` (default sys.argv) with the tool's flags and runs `main`.
 

@@ -18,7 +18,7 @@ once, over every device. Prints the metrics as JSON.
 
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from absl import flags
 import jax
@@ -51,8 +51,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
-                        *, splits: Optional[list[str]] = None,
-                        step: Optional[int] = None) -> dict[str, float]:
+                        *, splits: list[str] | None = None,
+                        step: int | None = None) -> dict[str, float]:
   """`eval_<split>_{top1,top5,loss,count}` of the checkpoint on each split."""
   config = ml_collections.ConfigDict(config)  # A copy: the eval splits change.
   if splits:

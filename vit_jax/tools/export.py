@@ -14,7 +14,7 @@ prefer it; it needs the `safetensors` package.
 """
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from absl import flags
 from etils import epath
@@ -51,8 +51,8 @@ def save_safetensors(path: str, params: dict[str, Any]) -> None:
   tmp.replace(target)
 
 
-def export(workdir: str, out: str, *, step: Optional[int] = None,
-           safetensors_path: Optional[str] = None) -> dict[str, Any]:
+def export(workdir: str, out: str, *, step: int | None = None,
+           safetensors_path: str | None = None) -> dict[str, Any]:
   """Writes the params of `workdir` (latest or `step`); returns them (numpy)."""
   params = checkpoint.load_params(workdir, step)
   checkpoint.save_npz(out, params)

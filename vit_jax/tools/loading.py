@@ -15,7 +15,7 @@ size) and `TrainedModel.preprocess`, which is the eval pipeline's own
 import dataclasses
 import json
 import re
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
 from etils import epath
@@ -79,7 +79,7 @@ class TrainedModel:
 # ---------------------------------------------------------------- workdirs
 
 
-def saved_config(workdir: str, step: Optional[int] = None
+def saved_config(workdir: str, step: int | None = None
                  ) -> ml_collections.ConfigDict:
   """The training config a workdir's checkpoint was written with (unlocked).
 
@@ -98,7 +98,7 @@ def saved_config(workdir: str, step: Optional[int] = None
       config_keys.upgrade(json.loads(meta['config'])))
 
 
-def load_workdir(workdir: str, step: Optional[int] = None) -> TrainedModel:
+def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
   """The model a train.py workdir holds, at `step` (default: the latest).
 
   Class names come from the run's dataset; if it cannot be opened here (not
@@ -144,7 +144,7 @@ def _dataset_class_names(config: ml_collections.ConfigDict,
 
 
 def load_released(path: str, model_name: str, image_size: int, *,
-                  class_names_file: Optional[str] = None) -> TrainedModel:
+                  class_names_file: str | None = None) -> TrainedModel:
   """A released-layout `.npz` (ours from tools.export, or an official file).
 
   Args:
@@ -173,7 +173,7 @@ def load_released(path: str, model_name: str, image_size: int, *,
       source=str(path))
 
 
-def load_params_any(path: str, step: Optional[int] = None) -> Params:
+def load_params_any(path: str, step: int | None = None) -> Params:
   """Params of a workdir (directory: latest or `step`) or an `.npz` file."""
   if epath.Path(path).is_dir():
     return checkpoint.load_params(path, step)
