@@ -4,7 +4,7 @@ Any config value can be overridden on the command line
 (`--config.batch_size=64 --config.model.name=ViT-S_16`); a misspelt key is an
 error. Running again with the same workdir resumes from its latest checkpoint.
 SIGTERM (a preemption notice) saves after the current step and exits 0; a
-NaN/Inf loss exits 1 naming the step (see README, "Preemption and resume").
+NaN/Inf loss exits 1 naming the step (docs/resume.md).
 
 Multi-process runs on GPU clusters or one machine pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; on TPU pod

@@ -81,10 +81,10 @@ def test_step_counts_and_rates_of_the_paper_table():
     augreg_finetune.get_config('H_14')
 
 
-def test_paper_numbers_are_in_the_docstrings_and_readme():
-  with open(os.path.join(ROOT, 'README.md')) as f:
-    readme = f.read()
-  section = readme[readme.index('## Paper configs'):]
+def test_paper_numbers_are_in_the_docstrings_and_the_recipes_page():
+  with open(os.path.join(ROOT, 'docs', 'recipes.md')) as f:
+    recipes = f.read()
+  section = recipes[recipes.index('## Paper configs'):]
   numbers = [(vit_paper.__doc__, v) for v in vit_paper.PAPER_TOP1.values()]
   numbers += [(augreg_finetune.__doc__, v.paper_top1)
               for v in augreg_finetune.VARIANTS.values()]

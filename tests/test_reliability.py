@@ -1,6 +1,6 @@
 """Preemption and resume: SIGKILL/SIGTERM anywhere, damaged checkpoints, NaNs.
 
-The guarantee under test (README, "Preemption and resume"): a run killed at any
+The guarantee under test (docs/resume.md): a run killed at any
 point and restarted with the same command ends with parameters bitwise equal to
 an uninterrupted run on the same machine, and logs the same losses.
 

@@ -1,6 +1,6 @@
 """Fine-tuning: pre-train here, fine-tune here (workdir sources), and what it buys.
 
-The transfer test is the README's "Fine-tuning" demonstration on a budget a test
+The transfer test is docs/recipes.md's "What pre-training buys" demonstration on a budget a test
 can afford: a 2-layer ViT pre-trained on Fashion-MNIST (16 px) for 500 steps,
 then 150 steps on 300 digits at 24 px, fine-tuned vs. from scratch.
 """

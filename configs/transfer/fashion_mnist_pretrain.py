@@ -12,7 +12,7 @@ writes on 300 digits: configs/transfer/digits_finetune.py.
 Expected (measured): Fashion-MNIST test top-1 67.8% after 500 steps of batch
 128 (about one epoch; the random crop zooms by 8/7 while evaluation does not,
 which costs accuracy at this budget). More steps make a better backbone; the
-transfer gain was measured with this one. docs/recipes.md, "Fine-tuning".
+transfer gain was measured with this one. docs/recipes.md, "What pre-training buys".
 """
 
 import ml_collections
