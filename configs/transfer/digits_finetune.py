@@ -16,8 +16,8 @@ Expected (measured; 200 steps of batch 64 = 43 epochs of the 300 digits),
 digits test top-1 over all 500 test images:
   fine-tuned from the 500-step pre-training: 91.2% (seed 0), 89.6% (seed 1)
   from scratch (digits_scratch.py):           76.4% (seed 0), 72.6% (seed 1)
-docs/recipes.md, "What pre-training buys", has the times and the lr check of the scratch
-baseline.
+docs/recipes.md, "What pre-training buys", has the times and the lr check of
+the scratch baseline.
 """
 
 import ml_collections
