@@ -378,7 +378,7 @@ def test_load_pretrained_rejects_variables_dict(tmp_path):
 
 
 def test_public_names_are_importable_from_the_package():
-  # The names DESIGN's public contract (and the README) give users.
+  # The names the README and docs/models.md give users.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   for name in ('save_npz', 'load_npz', 'load_pretrained', 'load_params'):
     assert callable(getattr(checkpoint, name)), name
