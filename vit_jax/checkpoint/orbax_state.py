@@ -1,29 +1,21 @@
-"""Checkpoints: Orbax train-state checkpoints and the released `.npz` format.
+"""Orbax train-state checkpoints of a workdir, and resuming from them.
 
 A workdir holds `checkpoints/<step>/` written by an Orbax `CheckpointManager`
-with three items: `params`, `train` (step, optimizer state, rng, non-finite
-counters) and `meta` (JSON: the config and what is needed to check that a resume
-is consistent), plus `ema_params` when the run keeps an EMA of its parameters
-(`config.train.ema_decay` > 0). Keeping `params` apart lets `load_params` read a model
-without its optimizer state.
+with the items `params`, `train` (step, optimizer state, rng, non-finite
+counters), `meta` (JSON: the config and the run's identity) and, with an EMA
+(`config.train.ema_decay` > 0), `ema_params`. Keeping `params` apart lets
+`load_params` read a model without its optimizer state.
 
 Orbax writes each step into a temporary directory and renames it when complete,
-so a killed save leaves no half-written `<step>/`. What a rename cannot catch --
-a file truncated or garbled later -- is caught on restore: `meta` records the
+so a killed save leaves no half-written `<step>/`. What a rename cannot catch
+(a file truncated or garbled later) is caught on restore: `meta` records the
 state's layout (name -> shape, dtype) and a digest of its bytes, and `restore`
-checks both (vit_jax.resume falls back past a checkpoint that fails).
-
-Resuming (`restore_latest`) takes the newest checkpoint that restores intact.
-What a rename cannot catch is detected by `restore`; the run then falls back
-to the next older checkpoint, and the damaged ones newer than it are moved out
-of the manager's view to `<workdir>/corrupt_checkpoints/<step>-<time>/`, never
-deleted: the manager would otherwise keep counting them as the latest steps
-(and refuse to save those steps again). Nothing is moved unless an older
-checkpoint restored, so the last good checkpoint is never lost; if none
-restores, the run stops and says so. Because a resume is exact (the data
-position is the step), falling back costs only the recomputation of its steps.
-A checkpoint of a different run (other batch size, model, optimizer, ...) is
-not damage: that error is raised as it is, and nothing is moved.
+checks both. `restore_latest` then falls back to the next older checkpoint and
+moves the damaged newer ones to `<workdir>/corrupt_checkpoints/<step>-<time>/`,
+never deleting them (the manager would otherwise keep counting them as the
+latest steps). Nothing is moved unless an older checkpoint restored; if none
+does, the run stops and says so. A checkpoint of another run (batch size,
+model, optimizer, ...) is not damage: it is refused, and nothing is moved.
 """
 
 import dataclasses
