@@ -165,3 +165,25 @@ def test_timm_comparison_refuses_what_timm_cannot_mirror():
   with pytest.raises(ValueError, match='plain ViTs, not R-test'):
     bench_timm.timm_kwargs(benchmark.model_fields('R-test+ViT-test', 'float32'),
                            (32, 32, 3), 10)
+
+
+def test_the_benchmark_runs_without_tensorflow_tfds_or_clu(tmp_path):
+  """What a GPU machine without the input-pipeline libraries runs: models,
+  steps, optimizer, sharding, flops and the benchmark (tests/tf_free.py makes
+  importing tensorflow, tensorflow_datasets or clu fail)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  run = lambda *args: subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tests', 'tf_free.py'), *args],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  out = tmp_path / 'tf_free.json'
+  proc = run('vit_jax.tools.benchmark', *TINY, '--config.mesh.cpu_devices=0',
+             f'--json={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['mode'] == 'train' and result['num_devices'] == 1
+  _assert_positive(result, FIELDS)
+  # The blocker is real: the input pipeline is what needs TensorFlow.
+  proc = run('vit_jax.data.pipeline')
+  assert proc.returncode != 0
+  assert 'is not installed here (a TF-free run)' in proc.stderr

@@ -17,6 +17,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from configs import common
 from vit_jax import data
 from vit_jax.data import augment
+from vit_jax.data import checks
 from vit_jax.data import preprocess
 
 SEED = tf.constant([3, 7], tf.int64)
@@ -293,17 +294,22 @@ def _pp(**overrides):
     ('random_erase_prob', -0.1)])
 def test_check_pp_rejects_bad_augmentation(key, value):
   with pytest.raises(ValueError, match=f'config.pp.{key}'):
-    preprocess.check_pp(_pp(**{key: value}))
+    checks.check_pp(_pp(**{key: value}))
+
+
+def test_the_rule_names_the_check_allows_are_the_rules_augment_has():
+  assert checks.RANDAUGMENT_RULES == augment.RULES
+  assert checks.DEFAULT_RANDAUGMENT_RULE == augment.DEFAULT_RULE
 
 
 def test_check_pp_rejects_unknown_randaugment_rule():
   with pytest.raises(ValueError) as error:
-    preprocess.check_pp(_pp(randaugment_rule='timm'))
+    checks.check_pp(_pp(randaugment_rule='timm'))
   message = str(error.value)
   assert "config.pp.randaugment_rule='timm'" in message
   assert "'reference'" in message and "'increasing'" in message
   with pytest.raises(ValueError, match='config.pp.randaugment_rule'):
-    preprocess.check_pp(_pp(randaugment_rule='Reference'))
+    checks.check_pp(_pp(randaugment_rule='Reference'))
 
 
 def test_train_preprocess_passes_the_rule():
@@ -328,7 +334,7 @@ def test_pp_keys_defaults_and_old_configs():
           pp.randaugment_rule, pp.random_erase_prob) == (0, 10.0, 'reference',
                                                          0.0)
   pp.randaugment_magnitude = 20  # An int is accepted for the float key.
-  preprocess.check_pp(pp)
+  checks.check_pp(pp)
   with pytest.raises(TypeError):
     pp.randaugment_layers = 1.5
   # A pp section saved before these keys existed: augmentation off.

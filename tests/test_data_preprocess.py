@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from vit_jax.data import checks
 from vit_jax.data import preprocess
 
 SEED = tf.constant([3, 7], tf.int64)
@@ -141,7 +142,7 @@ def test_to_model_range():
   np.testing.assert_allclose(out.numpy(), [-1.0, 1.0, 0.0])
 
 
-@pytest.mark.parametrize('crop', preprocess.TRAIN_CROPS)
+@pytest.mark.parametrize('crop', checks.TRAIN_CROPS)
 @pytest.mark.parametrize('channels', [1, 3])
 def test_train_preprocess(crop, channels):
   fn = preprocess.train_preprocess(_pp(train_crop=crop), 24, channels)
@@ -169,4 +170,4 @@ def test_eval_preprocess(fraction):
                                  dict(crop_padding=-1), dict(crop_padding=2.5)])
 def test_check_pp_rejects(bad):
   with pytest.raises(ValueError):
-    preprocess.check_pp(_pp(**bad))
+    checks.check_pp(_pp(**bad))

@@ -80,13 +80,13 @@ def parse_rules(sharding: Any) -> Rules:
     sharding = (('.*', sharding),)
   if not isinstance(sharding, (tuple, list)):
     raise ConfigError('config.sharding.rules must be a preset name or a tuple of '
-                     f'(regex, strategy) rules, got {sharding!r}')
+                      f'(regex, strategy) rules, got {sharding!r}')
   rules = []
   for i, rule in enumerate(sharding):
     if (not isinstance(rule, (tuple, list)) or len(rule) != 2
         or not all(isinstance(r, str) for r in rule)):
       raise ConfigError(f'config.sharding.rules[{i}] must be a (regex, strategy) pair '
-                       f'of strings, got {rule!r}')
+                        f'of strings, got {rule!r}')
     pattern, strategy = rule
     try:
       re.compile(pattern)
@@ -216,7 +216,7 @@ def check_rules_select(config: ml_collections.ConfigDict, params: Any,
              if any(re.fullmatch(pattern, n) for n in names) else
              f'it matches no parameter; names look like {names[:3]}')
       raise ConfigError(f'config.sharding.rules[{i}] {pattern!r} applies to no '
-                       f'parameter: {why}')
+                        f'parameter: {why}')
     if 'model' in parts and not any(_model_axis(n, 3) for n in mine):
       raise ConfigError(
           f'config.sharding.rules[{i}] {pattern!r} asks for model (tensor) parallelism '

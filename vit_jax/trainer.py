@@ -59,7 +59,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   parallel.check_batch_size(config.eval.batch_size, mesh)
   info = data.get_dataset_info(config)
   total_steps = resolve_total_steps(config, info.num_examples[config.input.train_split])
-  eval_splits = data.info.eval_splits(config)
+  eval_splits = data.eval_splits(config)
   is_main = jax.process_index() == 0
   logging.info('Dataset %s: %d classes, splits %s; %d steps of batch %d on %d '
                'devices (%d processes)', info.name, info.num_classes,

@@ -29,11 +29,11 @@ so the noise is in that scale (and, as in timm, not clipped).
 import math
 from collections.abc import Callable
 
-import tensorflow as tf
 
 from vit_jax.data import augment_rules
+from vit_jax.data.checks import MAX_MAGNITUDE
+from vit_jax.data.tf_runtime import tf
 
-MAX_MAGNITUDE = 30.0
 RULES = tuple(augment_rules.RULES)  # Valid `rule` names.
 DEFAULT_RULE = augment_rules.DEFAULT_RULE
 _FILL = 128  # Grey for pixels moved in from outside and for Cutout.

@@ -35,7 +35,9 @@ op's stateless seed (used for random signs and Cutout's position).
 
 from collections.abc import Callable
 
-import tensorflow as tf
+from vit_jax.data.checks import DEFAULT_RANDAUGMENT_RULE
+from vit_jax.data.tf_runtime import tf
+
 
 REFERENCE_LEVEL = 10.0  # Magnitude at which an op reaches its reference max.
 _REFERENCE_SIZE = 224.0  # Image side the reference pixel constants are for.
@@ -105,8 +107,7 @@ INCREASING: dict[str, Rule] = {
     'Cutout': lambda m, seed: (_scaled(m, 40.0 / _REFERENCE_SIZE), seed),
 }
 
-# The recipes' published numbers were trained with the reference rule.
-DEFAULT_RULE = 'reference'
+DEFAULT_RULE = DEFAULT_RANDAUGMENT_RULE  # What the recipes' numbers used.
 RULES: dict[str, dict[str, Rule]] = {
     'reference': REFERENCE,
     'increasing': INCREASING,

@@ -11,9 +11,9 @@ TF's 2 GB graph-constant limit); use `config.input.cache=False` beyond that.
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
 
 from vit_jax.data import sources
+from vit_jax.data.tf_runtime import tf
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,9 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from vit_jax.data.tf_runtime import tf
 
 LOCAL_DIR = '/usr/share/datasets/fashion-mnist'
 _FILES = {

@@ -19,8 +19,9 @@ import re
 import types
 
 from absl import logging
-import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from vit_jax.data.tf_runtime import tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 

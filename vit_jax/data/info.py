@@ -3,17 +3,15 @@
 `get_dataset_info` opens the dataset and sizes every split the config names.
 It is cheap (reads metadata; prepares an offline dataset or scans an image
 folder only the first time) and raises the data errors — unknown dataset,
-data not prepared, unknown split — before any model compiles. `check_config`
-checks the input keys themselves, without touching the data.
+data not prepared, unknown split — before any model compiles. The input
+keys themselves are checked by vit_jax.data.checks, without touching the data.
 """
 
 import dataclasses
 import math
 
-from vit_jax.config_checks import positive_int
-from vit_jax.config_checks import require
-from vit_jax.data import preprocess
 from vit_jax.data import sources
+from vit_jax.data.checks import eval_splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,32 +33,6 @@ class DatasetInfo:
   class_names: tuple[str, ...]
   num_examples: dict[str, int]
   image_shape: tuple[int | None, int | None, int]
-
-
-def eval_splits(config) -> list[str]:
-  """`config.eval.splits` ('test' or 'validation, test') as a list."""
-  return [s.strip() for s in config.eval.splits.split(',') if s.strip()]
-
-
-def check_config(config) -> None:
-  """Raises ConfigError naming the first bad input setting, without any IO.
-
-  `dataset` (a name), the `input` keys that can be wrong without the data
-  (`channels`, `image_size`, `tfds_reader`), `eval.splits` and the `pp`
-  section. What needs the data itself (the dataset exists, its splits do) is
-  checked by `get_dataset_info`.
-  """
-  require(isinstance(config.dataset, str) and config.dataset.strip() != '',
-          "config.dataset must be a dataset name (e.g. 'digits') or "
-          f"'folder:/path', got {config.dataset!r}")
-  require(config.input.channels in (1, 3), 'config.input.channels must be 1 '
-          f'(grayscale) or 3 (RGB), got {config.input.channels!r}')
-  positive_int(config.input.image_size, 'input.image_size')
-  require(bool(eval_splits(config)), 'config.eval.splits is empty')
-  require(config.input.tfds_reader in sources.TFDS_READERS,
-          f'config.input.tfds_reader={config.input.tfds_reader!r}; expected '
-          f'one of {sources.TFDS_READERS}.')
-  preprocess.check_pp(config.pp)
 
 
 def get_dataset_info(config) -> DatasetInfo:

@@ -15,7 +15,7 @@ or on TF's global seed. Process `p` of `P`, with local batch `B`, owns rows
 batch at a step is therefore the same examples in the same order for any `P`.
 """
 
-import tensorflow as tf
+from vit_jax.data.tf_runtime import tf
 
 # Salts keep the random streams for different purposes independent.
 _SALT_ORDER = 0x5EED0

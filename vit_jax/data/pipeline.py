@@ -1,8 +1,9 @@
 """Train and eval iterators: host-local numpy batches.
 
 Train batches are `{'image': float32 [B, S, S, C] in [-1, 1], 'label': int32
-[B]}` (random erasing's noise boxes, when on, may leave [-1, 1]); eval batches add `'mask': bool [B]` (False on padding). `B` is the
-local (per-process) batch, `S = config.input.image_size`, `C = config.input.channels`.
+[B]}` (random erasing's noise boxes, when on, may leave [-1, 1]); eval batches
+add `'mask': bool [B]` (False on padding). `B` is the local (per-process)
+batch, `S = config.input.image_size`, `C = config.input.channels`.
 
 Training stream (see order.py for the position arithmetic). The example at
 global position `g` is chosen and augmented as a function of
@@ -36,12 +37,12 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
 
 from vit_jax.data import cache
 from vit_jax.data import order
 from vit_jax.data import preprocess
 from vit_jax.data import sources
+from vit_jax.data.tf_runtime import tf
 
 Batch = dict[str, np.ndarray]
 _AUTOTUNE = tf.data.AUTOTUNE

@@ -35,12 +35,10 @@ Decoded images are uint8 in [0, 255]; `resize` returns float32 in [0, 255] and
 
 from collections.abc import Callable
 
-import tensorflow as tf
-
-from vit_jax.config_checks import ConfigError
 from vit_jax.data import augment
-
-TRAIN_CROPS = ('inception', 'random', 'resize', 'pad')
+from vit_jax.data.checks import augment_settings
+from vit_jax.data.checks import randaugment_rule
+from vit_jax.data.tf_runtime import tf
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -129,59 +127,6 @@ def to_model_range(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(image, tf.float32) / 127.5 - 1.0
 
 
-def _augment_settings(pp) -> tuple[int, float, float]:
-  """(randaugment_layers, randaugment_magnitude, random_erase_prob).
-
-  Defaults (off) when absent, so `pp` sections saved before these keys
-  existed, or written only for eval, still work.
-  """
-  return (pp.get('randaugment_layers', 0), pp.get('randaugment_magnitude', 10.0),
-          pp.get('random_erase_prob', 0.0))
-
-
-def _randaugment_rule(pp) -> str:
-  """`pp.randaugment_rule`, or the reference rule if absent (older configs)."""
-  return pp.get('randaugment_rule', augment.DEFAULT_RULE)
-
-
-def check_pp(pp) -> None:
-  """Raises ConfigError for `config.pp` settings the ops cannot honour.
-
-  The one check of the section; `train_preprocess` and `eval_preprocess`
-  take a `pp` that passed it.
-  """
-  if pp.train_crop not in TRAIN_CROPS:
-    raise ConfigError(f'config.pp.train_crop={pp.train_crop!r}; expected one '
-                     f'of {TRAIN_CROPS}.')
-  if not 0.0 < pp.area_min <= 1.0:
-    raise ConfigError(f'config.pp.area_min={pp.area_min} must be in (0, 1].')
-  padding = pp.get('crop_padding', 4)
-  if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-    raise ConfigError(f'config.pp.crop_padding={padding!r} must be an integer '
-                     ">= 0 (pixels of border for train_crop='pad').")
-  if not 0.0 < pp.eval_crop_fraction <= 1.0:
-    raise ConfigError(f'config.pp.eval_crop_fraction={pp.eval_crop_fraction} '
-                     'must be in (0, 1].')
-  layers, magnitude, erase_prob = _augment_settings(pp)
-  if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-    raise ConfigError(f'config.pp.randaugment_layers={layers!r} must be an '
-                     'integer >= 0 (0 disables RandAugment).')
-  if (isinstance(magnitude, bool) or not isinstance(magnitude, (int, float))
-      or not 0 <= magnitude <= augment.MAX_MAGNITUDE):
-    raise ConfigError(f'config.pp.randaugment_magnitude={magnitude!r} must be '
-                     f'a number in [0, {augment.MAX_MAGNITUDE:g}] (10 = each '
-                     "op's reference maximum).")
-  if (isinstance(erase_prob, bool) or
-      not isinstance(erase_prob, (int, float)) or not 0 <= erase_prob <= 1):
-    raise ConfigError(f'config.pp.random_erase_prob={erase_prob!r} must be a '
-                     'probability in [0, 1].')
-  rule = _randaugment_rule(pp)
-  if rule not in augment.RULES:
-    raise ConfigError(f'config.pp.randaugment_rule={rule!r}; expected one of '
-                     f'{augment.RULES} (how RandAugment magnitudes become op '
-                     'arguments, see vit_jax/data/augment_rules.py).')
-
-
 def train_preprocess(
     pp, size: int,
     channels: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
@@ -191,8 +136,8 @@ def train_preprocess(
   With random erasing on, erased pixels are N(0, 1) noise and may leave
   [-1, 1] (as in DeiT/timm).
   """
-  layers, magnitude, erase_prob = _augment_settings(pp)
-  rule = _randaugment_rule(pp)
+  layers, magnitude, erase_prob = augment_settings(pp)
+  rule = randaugment_rule(pp)
 
   def fn(image, seed):
     # The first two of a 4-way split equal a 2-way split: crops and flips are

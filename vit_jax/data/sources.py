@@ -26,17 +26,15 @@ from collections.abc import Callable
 from typing import Protocol
 
 from absl import logging
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.data import digits
 from vit_jax.data import fashion_mnist
 from vit_jax.data import folder
+from vit_jax.data.tf_runtime import tf
 
 Record = dict[str, tf.Tensor]
 
-# How a TFDS dataset is read (config.input.tfds_reader); see the module docstring.
-TFDS_READERS = ('shards', 'as_dataset')
 
 OFFLINE_BUILDERS = {
     'fashion_mnist': fashion_mnist.FashionMnist,

@@ -54,7 +54,6 @@ from vit_jax import models
 from vit_jax import parallel
 from vit_jax import run_setup
 from vit_jax import steps
-from vit_jax.tools import bench_pipeline
 from vit_jax.tools import bench_timing
 from vit_jax.tools import bench_timm
 from vit_jax.tools import cli
@@ -259,6 +258,9 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
   with contextlib.ExitStack() as stack:
     num_classes = None
     if fv.pipeline:
+      # Here, not at the top: the input pipeline is TensorFlow's, and timing a
+      # step alone must not need it (a GPU machine may not have it).
+      from vit_jax.tools import bench_pipeline  # pylint: disable=g-import-not-at-top
       if fv.pipeline_jpegs:
         config = stack.enter_context(
             bench_pipeline.jpeg_folder_config(config, fv.pipeline_jpegs))

@@ -10,13 +10,16 @@ line and exit code 2.
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from absl import flags
 
 from vit_jax import config_keys
 from vit_jax import startup
 from vit_jax.config_checks import ConfigError
-from vit_jax.tools import loading
+
+if TYPE_CHECKING:
+  from vit_jax.tools import loading
 
 Main = Callable[[flags.FlagValues, list[str]], None]
 # Defines a tool's flags; gets argv because config_flags reads overrides from it.
@@ -45,8 +48,11 @@ def define_model_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
 
 
-def load_model(fv: flags.FlagValues) -> loading.TrainedModel:
+def load_model(fv: flags.FlagValues) -> 'loading.TrainedModel':
   """The model the --workdir or --checkpoint flags name."""
+  # Here, not at the top: loading decodes images and preprocesses them with
+  # TensorFlow, which the tools that only build and time models do not need.
+  from vit_jax.tools import loading  # pylint: disable=g-import-not-at-top
   if bool(fv.workdir) == bool(fv.checkpoint):
     raise ValueError('give exactly one of --workdir=DIR or --checkpoint=FILE.npz')
   if fv.workdir:

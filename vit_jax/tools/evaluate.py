@@ -74,7 +74,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
   eval_step = steps.jit_eval_step(model, num_classes=info.num_classes,
                                   mesh=mesh, params_sharding=replicated)
   results: dict[str, float] = {}
-  for split in data.info.eval_splits(config):
+  for split in data.eval_splits(config):
     results.update(evaluation.evaluate(eval_step, params, config, split, mesh))
   return results
 

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from vit_jax import checkpoint
 from vit_jax import config_keys
@@ -34,6 +33,7 @@ from vit_jax import models
 from vit_jax.checkpoint import layouts
 from vit_jax.checkpoint import orbax_state
 from vit_jax.data import preprocess
+from vit_jax.data.tf_runtime import tf
 
 Params = dict[str, Any]
 
