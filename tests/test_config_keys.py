@@ -16,6 +16,7 @@ from vit_jax import run_setup
 from vit_jax import trainer
 from vit_jax.checkpoint import orbax_state
 from vit_jax.config_checks import ConfigError
+from vit_jax.tools import evaluate
 from vit_jax.tools import loading
 
 from tiny import ROOT
@@ -95,6 +96,15 @@ def test_a_config_file_setting_an_old_key_is_refused():
   with pytest.raises(ConfigError, match='config.weight_decay is now '
                      'config.optim.weight_decay'):
     run_setup.check_config(config)
+
+
+def test_the_evaluate_tool_refuses_a_config_with_an_old_key(tmp_path):
+  config = tiny_config(tmp_path)
+  config.unlock()
+  config.image_size = 28  # Would leave config.input.image_size at 16.
+  with pytest.raises(ConfigError, match='config.image_size is now '
+                     'config.input.image_size'):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'no_workdir'))
 
 
 def test_train_py_refuses_an_old_flag_before_starting(tmp_path):

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from vit_jax import config_keys
 from vit_jax import data
 from vit_jax import evaluation
 from vit_jax import models
@@ -54,6 +55,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
                         *, splits: list[str] | None = None,
                         step: int | None = None) -> dict[str, float]:
   """`eval_<split>_{top1,top5,loss,count}` of the checkpoint on each split."""
+  # An old key would otherwise be ignored silently (its section's default used).
+  config_keys.check_config(config)
   config = ml_collections.ConfigDict(config)  # A copy: the eval splits change.
   if splits:
     config.eval.splits = ','.join(splits)
