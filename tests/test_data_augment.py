@@ -297,11 +297,6 @@ def test_check_pp_rejects_bad_augmentation(key, value):
     checks.check_pp(_pp(**{key: value}))
 
 
-def test_the_rule_names_the_check_allows_are_the_rules_augment_has():
-  assert checks.RANDAUGMENT_RULES == augment.RULES
-  assert checks.DEFAULT_RANDAUGMENT_RULE == augment.DEFAULT_RULE
-
-
 def test_check_pp_rejects_unknown_randaugment_rule():
   with pytest.raises(ValueError) as error:
     checks.check_pp(_pp(randaugment_rule='timm'))

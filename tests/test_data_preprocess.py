@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from vit_jax.data import augment
 from vit_jax.data import checks
 from vit_jax.data import preprocess
 
@@ -171,3 +172,8 @@ def test_eval_preprocess(fraction):
 def test_check_pp_rejects(bad):
   with pytest.raises(ValueError):
     checks.check_pp(_pp(**bad))
+
+
+def test_the_randaugment_rules_the_check_allows_are_the_rules_augment_has():
+  assert checks.RANDAUGMENT_RULES == augment.RULES
+  assert checks.DEFAULT_RANDAUGMENT_RULE == augment.DEFAULT_RULE
