@@ -27,6 +27,8 @@ import numpy as np
 
 from vit_jax.models.attention import MultiHeadDotProductAttention
 from vit_jax.models.conv_stem import ConvStem
+from vit_jax.models.layers import DropPath
+from vit_jax.models.layers import MlpBlock
 from vit_jax.models.resnet import resnet_stem
 
 Dtype = Any
@@ -77,40 +79,6 @@ class AddPositionEmbs(nn.Module):
     posemb = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
                         (1, x.shape[1], x.shape[2]))
     return x + posemb.astype(x.dtype)
-
-
-class MlpBlock(nn.Module):
-  """Dense -> tanh-GELU -> dropout -> Dense -> dropout; output width = input width."""
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    dense = lambda features: nn.Dense(
-        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6))
-    y = nn.gelu(dense(self.mlp_dim)(x))
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = dense(x.shape[-1])(y)
-    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-
-
-class DropPath(nn.Module):
-  """Stochastic depth: drops a whole residual branch per example during training.
-
-  `rate` is a call argument, not a field: under `nn.scan` each layer's rate is
-  a traced scalar sliced from the scanned input.
-  """
-
-  @nn.compact
-  def __call__(self, x: jax.Array, rate: Any, *, deterministic: bool) -> jax.Array:
-    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
-      return x
-    keep = 1.0 - rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class Encoder1DBlock(nn.Module):

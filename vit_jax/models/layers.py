@@ -1,0 +1,43 @@
+"""Layers every encoder block shares: the transformer MLP and stochastic depth."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class MlpBlock(nn.Module):
+  """Dense -> tanh-GELU -> dropout -> Dense -> dropout; output width = input width."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    dense = lambda features: nn.Dense(
+        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    y = nn.gelu(dense(self.mlp_dim)(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(x.shape[-1])(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a whole residual branch per example during training.
+
+  `rate` is a call argument, not a field: under `nn.scan` each layer's rate is
+  a traced scalar sliced from the scanned input.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rate: Any, *, deterministic: bool) -> jax.Array:
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+      return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
