@@ -27,6 +27,15 @@ EXPECTED_PARAMS = {
     'ViT-S_32': 22_878_952, 'ViT-S_32-gap': 22_878_184,
     'ViT-Ti_16': 5_717_416, 'ViT-Ti_16-gap': 5_717_032,
     'ViT-test_4': 53_832, 'ViT-test_4-gap': 53_768,
+    # Equal to the official GFNet code's count (raoyongming/GFNet gfnet.py:
+    # patch conv, pos_embed, per block 2 LayerNorms, complex_weight
+    # [14, 8, dim, 2] and the 4x MLP, final norm, head), worked out by hand.
+    'GFNet-Ti': 7_511_784, 'GFNet-XS': 15_985_768, 'GFNet-S': 24_869_608,
+    'GFNet-B': 43_120_616, 'GFNet-test': 58_760,
+    # ViT-X_16-gap with each block's 4 attention projections replaced by AFNO's
+    # w1, b1, w2, b2 (8 blocks): B/16 86_566_120 - 12 * (2_362_368 - 297_984).
+    'AFNO-Ti_16': 4_168_744, 'AFNO-S_16': 15_856_744, 'AFNO-B_16': 61_793_512,
+    'AFNO-test_4': 46_600,
 }
 
 
@@ -58,6 +67,14 @@ def test_paper_table1_sizes():
   assert EXPECTED_PARAMS['ViT-B_16'] // 10**6 == 86
   assert EXPECTED_PARAMS['ViT-H_14'] // 10**6 == 632
   assert abs(EXPECTED_PARAMS['ViT-L_16'] / 307e6 - 1) < 0.01
+
+
+def test_gfnet_paper_sizes():
+  # GFNet paper / official README: 7M, 16M, 25M, 43M. Ti's 7.51M is truncated
+  # there, XS's 15.99M rounded, so each must lie within 0.6M of its figure.
+  for name, millions in (('GFNet-Ti', 7), ('GFNet-XS', 16), ('GFNet-S', 25),
+                         ('GFNet-B', 43)):
+    assert abs(EXPECTED_PARAMS[name] / 1e6 - millions) < 0.6, name
 
 
 def test_vit_b16_paths_and_shapes_are_the_released_layout():
@@ -290,15 +307,20 @@ def test_fused_attention_matches_explicit():
                              atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['R-test+ViT-test', 'Mixer-test_4', 'ViT-test_4'])
-def test_forward_and_backward_are_finite(name):
-  model = models.create_model(name, 10)
+@pytest.mark.parametrize('name,overrides', [
+    ('R-test+ViT-test', {}), ('Mixer-test_4', {}), ('ViT-test_4', {}),
+    ('ViT-test_4', dict(attention_impl='favor', favor_features=16)),
+    ('GFNet-test', {}), ('AFNO-test_4', dict(afno_hard_thresholding_fraction=0.5)),
+])
+def test_forward_and_backward_are_finite(name, overrides):
+  model = models.create_model(name, 10, **overrides)
   images = np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   # Jitted: one compile, not one per op of an eager forward and backward.
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
   params = jax.tree.map(lambda p: p + 0.01, params)  # Non-zero head: real gradients.
   loss = lambda p: jnp.mean(model.apply({'params': p}, images, train=True,
-                                        rngs={'dropout': jax.random.key(1)})**2)
+                                        rngs={'dropout': jax.random.key(1),
+                                              'favor': jax.random.key(2)})**2)
   value, grads = jax.jit(jax.value_and_grad(loss))(params)
   assert np.isfinite(float(value))
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))

@@ -25,8 +25,8 @@ LAYERS = 2
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
 
 
-def _model(**overrides):
-  return models.create_model('ViT-test_4', 10, num_layers=LAYERS, **overrides)
+def _model(name='ViT-test_4', **overrides):
+  return models.create_model(name, 10, num_layers=LAYERS, **overrides)
 
 
 def _random_params(model, seed=0):
@@ -99,11 +99,14 @@ def test_stacking_refuses_blocks_that_differ(unrolled_params):
 # ------------------------------------------------------------------ numerics
 
 
-@pytest.mark.parametrize('classifier', ['token', 'map'])
-def test_scan_forward_equals_unrolled(classifier):
-  unrolled = _model(classifier=classifier)
+@pytest.mark.parametrize('name,overrides', [
+    ('ViT-test_4', dict(classifier='token')), ('ViT-test_4', dict(classifier='map')),
+    ('ViT-test_4', dict(attention_impl='favor', favor_features=8)),
+    ('GFNet-test', {}), ('AFNO-test_4', dict(classifier='map'))])
+def test_scan_forward_equals_unrolled(name, overrides):
+  unrolled = _model(name, **overrides)
   params = _random_params(unrolled)
-  scanned = _model(classifier=classifier, scan_layers=True)
+  scanned = _model(name, scan_layers=True, **overrides)
   want = _logits(unrolled, params)
   got = _logits(scanned, layouts.stack_encoder_blocks(params))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

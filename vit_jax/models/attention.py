@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import favor
+
 Dtype = Any
 
 # Implementations of the softmax(q k^T / sqrt(d)) v product:
@@ -28,7 +30,26 @@ Dtype = Any
 #             fused kernel may round differently from 'xla'. It never sows
 #             weights, and it falls back to the explicit path while training
 #             with attention dropout > 0 (the fused call has no dropout).
-ATTENTION_IMPLS = ('xla', 'fused')
+#   'favor' : Performer's FAVOR+ random-feature estimate (vit_jax.models.favor),
+#             linear in the token count; same params, approximate numbers,
+#             nothing sown, no attention dropout (there is no attention matrix).
+#             Its random features come from the `favor` rng stream in training
+#             (the train step folds it with the step) and from `favor_seed`
+#             in evaluation or when no such stream is given.
+ATTENTION_IMPLS = ('xla', 'fused', 'favor')
+
+
+def check_attention(impl: str, dropout_rate: float, favor_features: int,
+                    favor_kernel: str) -> None:
+  """Raises ValueError for an attention setting the module cannot run."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention impl {impl!r} not in {ATTENTION_IMPLS}')
+  if impl == 'favor':
+    favor.check_favor(favor_features, favor_kernel)
+    if dropout_rate:
+      raise ValueError('attention_dropout_rate must be 0 with FAVOR+ '
+                       f"(attention_impl='favor'), got {dropout_rate}: it never "
+                       'forms the attention matrix that dropout would act on')
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -41,11 +62,17 @@ class MultiHeadDotProductAttention(nn.Module):
     impl: one of ATTENTION_IMPLS. 'fused' does not sow the attention weights
       (tools that draw them clone the model with impl 'xla'; the params are the
       same) and uses the explicit path when attention dropout is active.
+    favor_features: random features per head for impl 'favor'.
+    favor_kernel: 'positive' (FAVOR+) or 'trig' (sin/cos) features.
+    favor_seed: seed of the features outside training.
   """
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   impl: str = 'xla'
+  favor_features: int = 256
+  favor_kernel: str = 'positive'
+  favor_seed: int = 0
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *,
@@ -54,8 +81,8 @@ class MultiHeadDotProductAttention(nn.Module):
     if hidden % self.num_heads:
       raise ValueError(
           f'hidden size {hidden} is not divisible by num_heads {self.num_heads}')
-    if self.impl not in ATTENTION_IMPLS:
-      raise ValueError(f'attention impl {self.impl!r} not in {ATTENTION_IMPLS}')
+    check_attention(self.impl, self.dropout_rate, self.favor_features,
+                    self.favor_kernel)
     head_dim = hidden // self.num_heads
 
     def projection(name: str) -> nn.DenseGeneral:
@@ -69,7 +96,13 @@ class MultiHeadDotProductAttention(nn.Module):
     value = projection('value')(inputs_kv)
 
     use_dropout = not deterministic and self.dropout_rate > 0.0
-    if self.impl == 'fused' and not use_dropout:
+    if self.impl == 'favor':
+      rng = (self.make_rng('favor') if not deterministic and self.has_rng('favor')
+             else jax.random.key(self.favor_seed))
+      out = favor.favor_attention(query, key, value, rng=rng,
+                                  num_features=self.favor_features,
+                                  kernel=self.favor_kernel)
+    elif self.impl == 'fused' and not use_dropout:
       out = jax.nn.dot_product_attention(query, key, value)
     else:
       # Heads-major copies first: XLA's CPU dot emitter is several times slower

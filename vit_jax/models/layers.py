@@ -10,17 +10,22 @@ Dtype = Any
 
 
 class MlpBlock(nn.Module):
-  """Dense -> tanh-GELU -> dropout -> Dense -> dropout; output width = input width."""
+  """Dense -> GELU -> dropout -> Dense -> dropout; output width = input width.
+
+  GELU is the tanh form the released JAX ViTs use; `gelu_approximate=False`
+  gives the exact erf form of the PyTorch references (GFNet, AFNO).
+  """
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
     dense = lambda features: nn.Dense(
         features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
-    y = nn.gelu(dense(self.mlp_dim)(x))
+    y = nn.gelu(dense(self.mlp_dim)(x), approximate=self.gelu_approximate)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = dense(x.shape[-1])(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)

@@ -22,6 +22,7 @@ from vit_jax.models.conv_stem import conv_stem_grid
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.resnet import stem_stride
 from vit_jax.models.vit import VisionTransformer
+from vit_jax.models.vit import check_mixer
 from vit_jax.models.vit import check_remat_policy
 
 _REGISTRY: dict[str, Callable[[], ml_collections.ConfigDict]] = {}
@@ -50,6 +51,16 @@ _HYBRIDS = {
 _MIXER_SIZES = {'B': (768, 12, 384, 3072), 'L': (1024, 24, 512, 4096),
                 'test': (32, 2, 16, 64)}
 _MIXER_PATCHES = {'B': (16, 32), 'L': (16, 32), 'test': (4,)}
+# GFNet isotropic variants (Rao et al. 2021; official main_gfnet.py), patch 16,
+# mlp ratio 4: name -> (hidden_size, num_layers, drop path rate at the last
+# block, growing linearly from 0 as in the official code). num_heads only sizes
+# a MAP head (hidden / 64). Paper (quoted, ImageNet-1k 224 px): 7M / 16M /
+# 25M / 43M params, top-1 74.6 / 78.6 / 80.0 / 80.7.
+_GFNET_SIZES = {'Ti': (256, 12, 0.0), 'XS': (384, 12, 0.0),
+                'S': (384, 19, 0.15), 'B': (512, 19, 0.25),
+                'test': (32, 2, 0.0)}
+# AFNO mixing in place of attention (Guibas et al. 2022) at these ViT sizes.
+_AFNO_SIZES = {'Ti': 16, 'S': 16, 'B': 16, 'test': 4}
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -66,11 +77,27 @@ def _vit_config(name: str, size: str, patch: int, **extra) -> ml_collections.Con
       attention_dropout_rate=0.0, stochastic_depth=0.0, classifier='token',
       posemb='learn', head_bias_init=0.0, dtype='float32', attention_impl='xla',
       scan_layers=False, remat_policy='none', conv_stem=(),
-      conv_stem_depth=1))
+      conv_stem_depth=1, token_mixer='attention', gelu_approximate=True,
+      favor_features=256, favor_kernel='positive', favor_seed=0,
+      afno_num_blocks=8, afno_sparsity_threshold=0.01,
+      afno_hard_thresholding_fraction=1.0, afno_hidden_size_factor=1,
+      afno_double_skip=True))
   # None-valued fields must exist before overrides can set them.
   config.representation_size = None
   config.resnet = None
   config.update(extra)
+  return config
+
+
+def _gfnet_config(name: str, size: str) -> ml_collections.ConfigDict:
+  hidden, layers, drop_path = _GFNET_SIZES[size]
+  patch = 4 if size == 'test' else 16
+  config = _vit_config(name, 'test' if size == 'test' else 'B', patch,
+                       token_mixer='global_filter', classifier='gap',
+                       gelu_approximate=False, stochastic_depth=drop_path)
+  config.update(hidden_size=hidden, num_layers=layers,
+                num_heads=max(hidden // 64, 1) if size != 'test' else 2,
+                mlp_dim=4 * hidden)
   return config
 
 
@@ -93,6 +120,13 @@ def _register_all() -> None:
     _register(name, lambda n=name, s=size, p=patch, st=stages: _vit_config(
         n, s, p, patch_size=(1, 1),
         resnet=ml_collections.ConfigDict(dict(num_layers=st, width_factor=1))))
+  for size in _GFNET_SIZES:
+    name = f'GFNet-{size}'
+    _register(name, lambda n=name, s=size: _gfnet_config(n, s))
+  for size, patch in _AFNO_SIZES.items():
+    name = f'AFNO-{size}_{patch}'
+    _register(name, lambda n=name, s=size, p=patch: _vit_config(
+        n, s, p, token_mixer='afno', classifier='gap', gelu_approximate=False))
   for size, patches in _MIXER_PATCHES.items():
     for patch in patches:
       name = f'Mixer-{size}_{patch}'
@@ -182,6 +216,7 @@ def create_model(name_or_config: str | ml_collections.ConfigDict,
   if config.model_type == 'mixer':
     return MlpMixer(num_classes=num_classes, **kwargs)
   check_remat_policy(config.remat_policy)
+  check_mixer(config)
   if not isinstance(config.scan_layers, bool):
     raise ValueError(f'scan_layers must be True or False, got {config.scan_layers!r}')
   if kwargs.get('conv_stem') is not None:

@@ -26,6 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.attention import MultiHeadDotProductAttention
+from vit_jax.models.attention import check_attention
+from vit_jax.models.fourier import FourierBlock
+from vit_jax.models.fourier import check_afno
 from vit_jax.models.conv_stem import ConvStem
 from vit_jax.models.layers import DropPath
 from vit_jax.models.layers import MlpBlock
@@ -35,6 +38,10 @@ Dtype = Any
 
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 POSEMBS = ('learn', 'sincos2d')
+# How each encoder block mixes tokens: softmax attention (any
+# MultiHeadDotProductAttention impl, FAVOR+ included) or a Fourier mixer
+# (vit_jax.models.fourier), which needs the tokens to be the patch grid.
+TOKEN_MIXERS = ('attention', 'global_filter', 'afno')
 # Rematerialisation of each encoder block. 'none': keep every activation;
 # 'full': keep only each block's input and recompute the rest in the backward
 # pass; otherwise a `jax.checkpoint_policies` name saying what may be kept
@@ -51,6 +58,16 @@ def check_remat_policy(name: str) -> Callable[..., bool] | None:
   if name in ('none', 'full'):
     return None
   return getattr(jax.checkpoint_policies, name)
+
+
+def check_token_mixer(token_mixer: str, classifier: str) -> None:
+  """Raises ValueError for an unknown mixer, or a Fourier mixer with a cls token."""
+  if token_mixer not in TOKEN_MIXERS:
+    raise ValueError(f'token_mixer {token_mixer!r} not in {TOKEN_MIXERS}')
+  if token_mixer != 'attention' and classifier in ('token', 'token_unpooled'):
+    raise ValueError(
+        f"token_mixer {token_mixer!r} cannot take classifier {classifier!r}: a "
+        "cls token has no place in the frequency grid; use 'gap' or 'map'")
 
 
 def posemb_sincos_2d(height: int, width: int, dim: int,
@@ -94,6 +111,10 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  favor_features: int = 256
+  favor_kernel: str = 'positive'
+  favor_seed: int = 0
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool,
@@ -103,13 +124,16 @@ class Encoder1DBlock(nn.Module):
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
         dtype=self.dtype, impl=self.attention_impl,
+        favor_features=self.favor_features, favor_kernel=self.favor_kernel,
+        favor_seed=self.favor_seed,
         name='MultiHeadDotProductAttention_1')(x, x, deterministic=deterministic)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = DropPath()(x, drop_path_rate, deterministic=deterministic) + inputs
 
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype,
-                 name='MlpBlock_3')(y, deterministic=deterministic)
+                 self.gelu_approximate, name='MlpBlock_3')(
+                     y, deterministic=deterministic)
     return x + DropPath()(y, drop_path_rate, deterministic=deterministic)
 
 
@@ -123,18 +147,20 @@ class Encoder(nn.Module):
   (scanned input), and sown intermediates stacked the same way
   (`encoderblock/MultiHeadDotProductAttention_1/attention_weights`:
   [num_layers, batch, heads, q, k]).
+
+  `token_mixer` picks the block (Encoder1DBlock for 'attention', FourierBlock
+  otherwise); `block_options` are the remaining fields of that block.
   """
   num_layers: int
   mlp_dim: int
-  num_heads: int
   dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   posemb: str = 'learn'
   dtype: Dtype = jnp.float32
-  attention_impl: str = 'xla'
   scan_layers: bool = False
   remat_policy: str = 'none'
+  token_mixer: str = 'attention'
+  block_options: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, grid: tuple[int, int], num_prefix: int,
@@ -155,16 +181,16 @@ class Encoder(nn.Module):
     # A rate that is a traced scan input cannot be static under remat.
     traced_rates = self.scan_layers and self.stochastic_depth > 0
     block = self._block_class(static_rate=not traced_rates)
-    config = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                  dropout_rate=self.dropout_rate,
-                  attention_dropout_rate=self.attention_dropout_rate,
-                  dtype=self.dtype, attention_impl=self.attention_impl)
+    config = dict(self.block_options or {}, mlp_dim=self.mlp_dim,
+                  dropout_rate=self.dropout_rate, dtype=self.dtype)
+    if self.token_mixer != 'attention':
+      config.update(grid=tuple(grid), token_mixer=self.token_mixer)
     if self.scan_layers:
       def body(module: nn.Module, carry: jax.Array, rate: jax.Array):
         return module(carry, deterministic, rate if traced_rates else 0.0), None
       scan = nn.scan(
           body, variable_axes={'params': 0, 'intermediates': 0},
-          split_rngs={'params': True, 'dropout': True},
+          split_rngs={'params': True, 'dropout': True, 'favor': True},
           in_axes=0, length=self.num_layers)
       x, _ = scan(block(**config, name='encoderblock'), x,
                   jnp.asarray(rates, jnp.float32))
@@ -174,12 +200,13 @@ class Encoder(nn.Module):
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
 
   def _block_class(self, *, static_rate: bool) -> type[nn.Module]:
-    """Encoder1DBlock, wrapped in `nn.remat` with the configured policy."""
+    """The mixer's block, wrapped in `nn.remat` with the configured policy."""
     policy = check_remat_policy(self.remat_policy)
+    block = Encoder1DBlock if self.token_mixer == 'attention' else FourierBlock
     if self.remat_policy == 'none':
-      return Encoder1DBlock
+      return block
     # Argument 0 is the module: 1 inputs, 2 deterministic, 3 drop_path_rate.
-    return nn.remat(Encoder1DBlock, policy=policy,
+    return nn.remat(block, policy=policy,
                     static_argnums=(2, 3) if static_rate else (2,),
                     # Inside a scan XLA cannot fold the recomputation back into
                     # the forward pass, so the CSE barrier is only a cost there.
@@ -262,6 +289,16 @@ class VisionTransformer(nn.Module):
   attention_impl: str = 'xla'
   scan_layers: bool = False          # Encoder blocks as one nn.scan (see Encoder).
   remat_policy: str = 'none'         # One of REMAT_POLICIES.
+  token_mixer: str = 'attention'     # One of TOKEN_MIXERS.
+  gelu_approximate: bool = True      # tanh GELU (released ViTs); False: erf.
+  favor_features: int = 256          # FAVOR+ (attention_impl='favor') settings,
+  favor_kernel: str = 'positive'     # see vit_jax.models.favor.
+  favor_seed: int = 0
+  afno_num_blocks: int = 8           # AFNO (token_mixer='afno') settings, see
+  afno_sparsity_threshold: float = 0.01        # vit_jax.models.fourier.AFNO2D.
+  afno_hard_thresholding_fraction: float = 1.0
+  afno_hidden_size_factor: int = 1
+  afno_double_skip: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -269,6 +306,7 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'classifier {self.classifier!r} not in {CLASSIFIERS}')
     if self.resnet is not None and self.conv_stem:
       raise ValueError('a ViT takes a resnet stem or a conv_stem, not both')
+    check_mixer(self)
     x = images.astype(self.dtype)
     if self.resnet is not None:
       x = resnet_stem(x, **dict(self.resnet), dtype=self.dtype)
@@ -295,12 +333,11 @@ class VisionTransformer(nn.Module):
 
     x = Encoder(
         num_layers=self.num_layers, mlp_dim=self.mlp_dim,
-        num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate,
+        dropout_rate=self.dropout_rate,
         stochastic_depth=self.stochastic_depth, posemb=self.posemb,
-        dtype=self.dtype, attention_impl=self.attention_impl,
-        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-        name='Transformer')(x, grid=(gh, gw), num_prefix=num_prefix,
+        dtype=self.dtype, scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy, token_mixer=self.token_mixer,
+        block_options=block_options(self), name='Transformer')(x, grid=(gh, gw), num_prefix=num_prefix,
                             deterministic=not train)
 
     if self.classifier == 'token':
@@ -318,3 +355,33 @@ class VisionTransformer(nn.Module):
                    kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init))(x)
     return x.astype(jnp.float32)
+
+
+def check_mixer(vit: Any) -> None:
+  """Raises ValueError for token-mixer settings of a ViT (Module or ConfigDict)
+  that cannot build: checked by the registry before anything is traced."""
+  check_token_mixer(vit.token_mixer, vit.classifier)
+  if vit.token_mixer == 'attention':
+    check_attention(vit.attention_impl, vit.attention_dropout_rate,
+                    vit.favor_features, vit.favor_kernel)
+  elif vit.token_mixer == 'afno':
+    check_afno(vit.hidden_size, vit.afno_num_blocks, vit.afno_hidden_size_factor,
+               vit.afno_hard_thresholding_fraction, vit.afno_sparsity_threshold)
+
+
+def block_options(vit: Any) -> dict[str, Any]:
+  """Fields of the encoder block that `vit.token_mixer` selects, beyond the
+  ones every block takes (mlp_dim, dropout_rate, dtype)."""
+  options = dict(gelu_approximate=vit.gelu_approximate)
+  if vit.token_mixer == 'attention':
+    options.update(
+        num_heads=vit.num_heads,
+        attention_dropout_rate=vit.attention_dropout_rate,
+        attention_impl=vit.attention_impl, favor_features=vit.favor_features,
+        favor_kernel=vit.favor_kernel, favor_seed=vit.favor_seed)
+  elif vit.token_mixer == 'afno':
+    options.update({k: getattr(vit, k) for k in (
+        'afno_num_blocks', 'afno_sparsity_threshold',
+        'afno_hard_thresholding_fraction', 'afno_hidden_size_factor',
+        'afno_double_skip')})
+  return options
