@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   # it; False: a fresh one.
   config.pretrained.keep_pre_logits = FieldReference(None, field_type=bool)
   config.pretrained.posemb_resize = 'linear'  # 'linear' (reference) | 'bicubic' (timm)
+  # GFNet filters of another patch grid: 'bicubic' (official) | 'none' (refuse).
+  config.pretrained.filter_resize = 'bicubic'
 
   # ------------------------------------------------------------ input (data/)
   config.input = ml_collections.ConfigDict()

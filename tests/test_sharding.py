@@ -39,9 +39,9 @@ FSDP_ALL = (('.*', 'fsdp'),)
 _config = step_config
 
 
-def _init(mesh, rules, fsdp_min_size=0):
+def _init(mesh, rules, fsdp_min_size=0, name='ViT-test_4'):
   """(model, tx, state initialised directly sharded, its shardings)."""
-  model = models.create_model('ViT-test_4', 10)
+  model = models.create_model(name, 10)
   tx, _ = optim.make_optimizer(_config(), total_steps=10)
   init = functools.partial(steps.create_train_state, model, tx, IMAGE_SHAPE, 0)
   shardings = sharding.state_shardings(jax.eval_shape(init), mesh, rules,
@@ -49,9 +49,9 @@ def _init(mesh, rules, fsdp_min_size=0):
   return model, tx, jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def _train(mesh, rules, num_steps=2):
+def _train(mesh, rules, num_steps=2, name='ViT-test_4'):
   """`num_steps` adamw steps on random batches of 16; returns the final state."""
-  model, tx, state, shardings = _init(mesh, rules)
+  model, tx, state, shardings = _init(mesh, rules, name=name)
   step = jax.jit(steps.make_train_step(model, tx, num_classes=10),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(shardings, parallel.replicated(mesh)),
@@ -99,6 +99,21 @@ def test_sharded_training_equals_replicated(replicated_run, model_size, rules):
       'MultiHeadDotProductAttention_1']['query']['kernel']
   assert not query.sharding.is_fully_replicated  # Really sharded.
   _assert_trees_close(_numpy(state.params), replicated_run)
+
+
+@pytest.mark.parametrize('name,mixer,leaf,shard_shape', [
+    # complex_weight [4, 3, hidden 32, 2]: channels over model (2), FSDP on
+    # the largest other axis that data (4) divides: the grid rows.
+    ('GFNet-test', 'GlobalFilter_1', 'complex_weight', (1, 3, 16, 2)),
+    # w1 [2, blocks 8, 4, 4]: blocks over model, FSDP on a block-size axis.
+    ('AFNO-test_4', 'AFNO2D_1', 'w1', (2, 4, 1, 4))])
+def test_fourier_mixers_shard_their_channel_axes(name, mixer, leaf, shard_shape):
+  mesh = parallel.make_mesh(model=2)
+  state = _train(mesh, 'fsdp+model', name=name)
+  weight = state.params['Transformer']['encoderblock_0'][mixer][leaf]
+  assert weight.addressable_shards[0].data.shape == shard_shape
+  replicated = _train(parallel.make_mesh(), 'replicate', name=name)
+  _assert_trees_close(_numpy(state.params), _numpy(replicated.params))
 
 
 def test_per_device_bytes_shrink_by_the_mesh_factor():

@@ -1,5 +1,6 @@
 """The tools (predict, attention_map, export, evaluate) on a tiny digits workdir."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -208,6 +209,21 @@ def test_sown_attention_is_the_softmax_and_leaves_logits_alone(workdir, images):
   np.testing.assert_allclose(att.weights.sum(-1), 1.0, rtol=1e-5)
   logits = trained.model.apply({'params': trained.params}, att.image[None])
   np.testing.assert_allclose(att.probs, jax.nn.softmax(logits[0]), rtol=1e-5)
+
+
+def test_attention_maps_of_favor_say_what_they_draw_and_fourier_is_refused(
+    workdir, images):
+  trained = loading.load_workdir(workdir)
+  image = loading.read_image(images['gray'])
+  exact = attention_map.collect_attention(trained, image)
+  performer = dataclasses.replace(
+      trained, model=trained.model.clone(attention_impl='favor'))
+  drawn = attention_map.collect_attention(performer, image)
+  assert 'exact softmax attention' in drawn.note and not exact.note
+  np.testing.assert_array_equal(drawn.weights, exact.weights)
+  gfnet = dataclasses.replace(trained, model=models.create_model('GFNet-test', 10))
+  with pytest.raises(ValueError, match='global filter.*no attention weights'):
+    attention_map.collect_attention(gfnet, image)
 
 
 def _synthetic(weights, classifier, probe=None):

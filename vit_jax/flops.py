@@ -72,10 +72,71 @@ def vit_forward_flops(hidden: int, depth: int, mlp_dim: int, num_tokens: int,
 
 
 def vit_block_flops(hidden: int, mlp_dim: int, num_tokens: int) -> float:
-  """Analytic forward FLOPs of one encoder block for one image (matmuls only)."""
+  """Analytic forward FLOPs of one softmax-attention encoder block for one
+  image (matmuls only)."""
   attention = 4 * num_tokens * hidden * hidden + 2 * num_tokens * num_tokens * hidden
   mlp = 2 * num_tokens * hidden * mlp_dim
   return 2.0 * (attention + mlp)
+
+
+def real_fft2_flops(grid: tuple[int, int]) -> float:
+  """FLOPs of one real 2-D FFT (or its inverse) of one channel: 2.5 N log2 N.
+
+  The usual count for a real transform (half a complex FFT's 5 N log2 N).
+  XLA's cost analysis counts an FFT as 8 N times the *product* of
+  floor(log2) of its lengths, which for a 14x14 grid is ~3.8x this; the
+  FFTs are a few percent of a GFNet's FLOPs either way (docs/models.md).
+  """
+  n = grid[0] * grid[1]
+  return 2.5 * n * math.log2(n) if n > 1 else 0.0
+
+
+def block_flops(model: Any, grid: tuple[int, int]) -> float:
+  """Analytic forward FLOPs of one encoder block of `model` for one image.
+
+  `model` is a VisionTransformer (or anything with its fields); every token
+  mixer is counted: softmax attention, FAVOR+ (feature maps, phi(K)^T V and
+  phi(Q) of that), the global filter (two FFTs and a complex product per
+  frequency) and AFNO (two FFTs and a complex block-diagonal two-layer MLP
+  over the kept frequencies; a complex multiply-add is 8 FLOPs).
+  Matmuls, FFTs and the complex products only; norms and activations are a
+  few percent.
+  """
+  hidden, mlp_dim = model.hidden_size, model.mlp_dim
+  gh, gw = grid
+  prefix = int(model.classifier in ('token', 'token_unpooled'))
+  tokens = gh * gw + prefix
+  mlp = 2.0 * 2 * tokens * hidden * mlp_dim
+  mixer = getattr(model, 'token_mixer', 'attention')
+  if mixer == 'attention':
+    if getattr(model, 'attention_impl', 'xla') != 'favor':
+      return vit_block_flops(hidden, mlp_dim, tokens)
+    features = model.favor_features
+    width = 2 * features if model.favor_kernel == 'trig' else features
+    projections = 2.0 * 4 * tokens * hidden * hidden
+    # Per head: q and k onto m features, then phi(K)^T V and phi(Q) (that).
+    linear = 2.0 * tokens * hidden * (2 * features + 2 * width)
+    return projections + linear + mlp
+  ffts = 2 * real_fft2_flops(grid) * hidden
+  frequencies = gh * (gw // 2 + 1)
+  if mixer == 'global_filter':
+    return ffts + 6.0 * frequencies * hidden + mlp
+  kept = gh * int((gw // 2 + 1) * model.afno_hard_thresholding_fraction)
+  wide = hidden // model.afno_num_blocks * model.afno_hidden_size_factor
+  return ffts + 2 * 8.0 * kept * hidden * wide + mlp
+
+
+def model_forward_flops(model: Any, image_shape: tuple[int, ...]) -> float:
+  """Analytic forward FLOPs of one image through a patch-embedding ViT of any
+  token mixer (`block_flops` per block, plus patch embedding and head); not
+  for ResNet or conv stems."""
+  if getattr(model, 'resnet', None) is not None or getattr(model, 'conv_stem', ()):
+    raise ValueError('model_forward_flops counts plain patch embeddings only')
+  ph, pw = model.patch_size
+  grid = (image_shape[0] // ph, image_shape[1] // pw)
+  embed = 2.0 * grid[0] * grid[1] * ph * pw * image_shape[2] * model.hidden_size
+  head = 2.0 * model.hidden_size * (model.num_classes or 0)
+  return embed + model.num_layers * block_flops(model, grid) + head
 
 
 def train_step_flops(lowered: Any, model: Any, image_shape: tuple[int, ...],
@@ -95,11 +156,9 @@ def train_step_flops(lowered: Any, model: Any, image_shape: tuple[int, ...],
     if getattr(model, 'resnet', None) is not None:
       return None
     ph, pw = model.patch_size
-    tokens = ((image_shape[0] // ph) * (image_shape[1] // pw) +
-              int(model.classifier in ('token', 'token_unpooled')))
+    grid = (image_shape[0] // ph, image_shape[1] // pw)
     micro_batch = batch_size // accum_steps
-    flops += (model.num_layers - 1) * 3 * micro_batch * vit_block_flops(
-        model.hidden_size, model.mlp_dim, tokens)
+    flops += (model.num_layers - 1) * 3 * micro_batch * block_flops(model, grid)
   return flops * accum_steps
 
 

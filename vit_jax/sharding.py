@@ -14,7 +14,9 @@ strategy to every parameter (`'fsdp'` == `(('.*', 'fsdp'),)`). Strategies:
   model       Megatron-style tensor parallelism over `model`: attention
               query/key/value kernels and biases on the heads axis, the `out`
               kernel on its input heads axis, MLP `Dense_0` kernel and bias on
-              the hidden (mlp_dim) axis, `Dense_1` kernel on its input axis.
+              the hidden (mlp_dim) axis, `Dense_1` kernel on its input axis;
+              GFNet filters on their channel axis, AFNO weights on their
+              channel-block axis.
               Other parameters matched by a 'model' rule stay replicated.
   fsdp+model  both: the model axis first, then FSDP on a remaining dimension.
 
@@ -68,6 +70,11 @@ _MODEL_AXES = tuple((re.compile(pattern), axis, what) for pattern, axis, what in
     (_ATTENTION + r'/out/kernel', -3, 'num_heads'),
     (_MLP + r'/Dense_0/(?:kernel|bias)', -1, 'mlp_dim'),
     (_MLP + r'/Dense_1/kernel', -2, 'mlp_dim'),
+    # Fourier mixers act per channel (global filter) or per channel block
+    # (AFNO), so those axes split with no communication inside the mixer.
+    (r'(?:.*/)?GlobalFilter_\d+/complex_weight', -2, 'hidden_size'),
+    (r'(?:.*/)?AFNO2D_\d+/(?:w1|w2)', -3, 'afno_num_blocks'),
+    (r'(?:.*/)?AFNO2D_\d+/(?:b1|b2)', -2, 'afno_num_blocks'),
 ))
 
 

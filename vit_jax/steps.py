@@ -34,6 +34,8 @@ Metrics = dict[str, jax.Array]
 #   'skip_step': leave params and optimizer state as they were (the step
 #                counter and data position still advance) and count it.
 NAN_POLICIES = ('stop', 'skip_step')
+# Folded into a micro-batch's key for the `favor` rng stream (random features).
+FAVOR_STREAM = 0x46415652
 
 
 def check_config(config: Any) -> None:
@@ -140,8 +142,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
   loss_smoothing = 0.0 if use_mixup else label_smoothing
 
   def loss_fn(params, batch, rng):
+    # FAVOR+ draws its random features from their own stream (models/favor.py),
+    # so that they do not depend on whether the model also has dropout.
     logits = model.apply({'params': params}, batch['image'], train=True,
-                         rngs={'dropout': rng})
+                         rngs={'dropout': rng,
+                               'favor': jax.random.fold_in(rng, FAVOR_STREAM)})
     loss = optim.cross_entropy_loss(logits, batch['label'], num_classes,
                                     label_smoothing=loss_smoothing)
     return loss, {}

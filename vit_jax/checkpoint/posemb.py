@@ -1,4 +1,5 @@
-"""Resizes learned position embeddings to a new patch grid.
+"""Resizes grid-shaped parameters to a new patch grid: learned position
+embeddings, and GFNet's global filters (`resize_global_filter`).
 
 Fine-tuning at a higher resolution than pre-training (224 px -> 384 px) gives
 more patches, so a released `pos_embedding` of shape [1, prefix + gh*gw, D] has
@@ -105,15 +106,43 @@ def resize_posemb(
   return np.concatenate([prefix, new_grid], axis=1)
 
 
-def torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] weights of torch's 1-D bicubic resize, align_corners=False.
+def resize_global_filter(weight: np.ndarray, new_grid: Sequence[int]) -> np.ndarray:
+  """A GFNet `complex_weight` [h, w//2+1, c, 2] for the patch grid `new_grid`.
+
+  The official fine-tuning code (raoyongming/GFNet main_gfnet.py) resizes the
+  filter as an image over its two frequency axes: torch bicubic with
+  align_corners=True, to [nh, nw//2+1]. Done the same way here, so a resized
+  official filter gives the official numbers. (It treats the FFT-ordered
+  frequency axis as if it were spatial, as the official code does.)
+  """
+  weight = np.asarray(weight)
+  if weight.ndim != 4 or weight.shape[-1] != 2:
+    raise ValueError(f'a global filter weight is [h, w//2+1, c, 2], got {weight.shape}')
+  nh, nw = (int(s) for s in new_grid)
+  shape = (nh, nw // 2 + 1)
+  if weight.shape[:2] == shape:
+    return weight.copy()
+  rows = torch_bicubic_matrix(weight.shape[0], shape[0], align_corners=True)
+  cols = torch_bicubic_matrix(weight.shape[1], shape[1], align_corners=True)
+  new = np.einsum('ih,jw,hw...->ij...', rows, cols, weight.astype(np.float64))
+  return new.astype(weight.dtype)
+
+
+def torch_bicubic_matrix(n_in: int, n_out: int, *,
+                         align_corners: bool = False) -> np.ndarray:
+  """[n_out, n_in] weights of torch's 1-D bicubic resize.
 
   Output sample i reads source coordinate (i + 0.5) * n_in / n_out - 0.5 (half
-  pixel centres, not clamped), and combines the 4 nearest source samples with
-  the cubic convolution kernel (a = -0.75); out-of-range taps read the edge
-  sample. Applying it on each spatial axis is torch's separable 2-D bicubic.
+  pixel centres, not clamped; with `align_corners`, i * (n_in - 1) /
+  (n_out - 1), corner to corner), and combines the 4 nearest source samples
+  with the cubic convolution kernel (a = -0.75); out-of-range taps read the
+  edge sample. Applying it on each spatial axis is torch's separable 2-D bicubic.
   """
-  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+  if align_corners:
+    src = np.arange(n_out, dtype=np.float64) * (
+        (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+  else:
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
   base = np.floor(src)
   frac = src - base
   weights = np.zeros((n_out, n_in), np.float64)

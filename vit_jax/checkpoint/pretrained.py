@@ -32,6 +32,7 @@ from vit_jax.checkpoint.layouts import stack_encoder_blocks
 from vit_jax.checkpoint.layouts import unflatten_params
 from vit_jax.checkpoint.layouts import unstack_encoder_blocks
 from vit_jax.checkpoint.posemb import METHODS as POSEMB_METHODS
+from vit_jax.checkpoint.posemb import resize_global_filter
 from vit_jax.checkpoint.posemb import resize_posemb
 from vit_jax.config_checks import require
 from vit_jax.metrics import summarize_names
@@ -45,6 +46,15 @@ def check_config(config: Any) -> None:
   require(config.pretrained.posemb_resize in POSEMB_METHODS,
           f'config.pretrained.posemb_resize {config.pretrained.posemb_resize!r} '
           f'not in {POSEMB_METHODS}')
+  require(config.pretrained.filter_resize in FILTER_RESIZE,
+          f'config.pretrained.filter_resize {config.pretrained.filter_resize!r} '
+          f'not in {FILTER_RESIZE}')
+
+
+# What load_pretrained does with a GFNet filter trained on another patch grid:
+# 'bicubic' resizes it as the official code does; 'none' refuses to load it.
+FILTER_RESIZE = ('bicubic', 'none')
+_FILTER_SUFFIX = '/complex_weight'
 
 
 # Top-level modules that belong to the task, not to the pre-trained backbone.
@@ -84,6 +94,7 @@ def load_pretrained(
     posemb_method: str = 'linear',
     posemb_grid: tuple[int, int] | None = None,
     ckpt_posemb_grid: tuple[int, int] | None = None,
+    filter_resize: str = 'bicubic',
     source: str = 'the pre-trained params',
     log: Callable[[str], Any] = logging.info,
 ) -> tuple[Params, LoadReport]:
@@ -103,6 +114,9 @@ def load_pretrained(
     posemb_method: 'linear' (reference) or 'bicubic' (timm); see resize_posemb.
     posemb_grid: the model's patch grid (h, w) when it is not square.
     ckpt_posemb_grid: the checkpoint's patch grid when it is not square.
+    filter_resize: 'bicubic' resizes GFNet `complex_weight`s of another grid
+      (as the official code does; see resize_global_filter) to `posemb_grid`
+      or the grid of the model's position embedding; 'none' refuses.
     source: what to call a `path` given as a tree in messages.
     log: receives one line listing what was loaded, resized, re-initialised
       and left out.
@@ -172,6 +186,17 @@ def load_pretrained(
       report.loaded.append(name)
     else:
       report.resized[name] = (ckpt[name].shape, value.shape)
+    if (name.endswith(_FILTER_SUFFIX) and value.shape != init_value.shape
+        and value.shape[2:] == init_value.shape[2:]):
+      if filter_resize == 'none':
+        raise ValueError(
+            f'{path}: the global filter {name} was trained for another patch '
+            f'grid ({value.shape[:2]} frequencies, the model has '
+            f'{init_value.shape[:2]}) and filter_resize is \'none\'; set '
+            "config.pretrained.filter_resize='bicubic' to resize it")
+      value = resize_global_filter(
+          value, posemb_grid or _grid_of(init, init_value.shape[0]))
+      report.resized[name] = (ckpt[name].shape, value.shape)
     params[name] = value.astype(init_value.dtype, copy=False)
 
   mismatched = [k for k in params if params[k].shape != init[k].shape]
@@ -183,6 +208,15 @@ def load_pretrained(
   log(f'Loaded pre-trained params from {path}: {report.summary()}')
   tree = unflatten_params(params)
   return (stack_encoder_blocks(tree) if scanned else tree), report
+
+
+def _grid_of(init: Mapping[str, Any], h: int) -> tuple[int, int]:
+  """The model's patch grid (h rows): from its position embedding, else
+  square (a filter's w//2+1 frequencies cannot tell an odd w from w-1)."""
+  posemb = init.get(POSEMB_KEY)
+  if posemb is not None and posemb.shape[1] % h == 0:
+    return h, posemb.shape[1] // h
+  return h, h
 
 
 def _names_message(path, missing, unexpected, ckpt, init) -> str:

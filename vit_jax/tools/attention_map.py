@@ -23,7 +23,11 @@ evaluation) and is scaled to its own maximum. What the maps show:
   mean row ('gap': the pooled output is the mean of the tokens), or the MAP
   probe's head-averaged attention times the rollout ('map').
 
-MLP-Mixer has no attention; it is refused with a message.
+MLP-Mixer, GFNet and AFNO models have no attention weights; they are refused
+with a message saying how they mix tokens. A FAVOR+ model never forms its
+attention matrix either: what is drawn for it is the exact softmax attention of
+its own queries and keys (the matrix FAVOR+ estimates), and the figure and the
+output say so.
 """
 
 import dataclasses
@@ -67,6 +71,7 @@ class Attention:
     grid: patch grid (h, w); tokens = num_prefix + h * w.
     image: the model input, float32 [size, size, channels] in [-1, 1].
     probs: class probabilities [classes].
+    note: what the maps are, when they are not the model's own weights.
   """
   weights: np.ndarray
   probe: np.ndarray | None
@@ -74,6 +79,7 @@ class Attention:
   grid: tuple[int, int]
   image: np.ndarray
   probs: np.ndarray
+  note: str = ''
 
   @property
   def num_prefix(self) -> int:
@@ -87,7 +93,16 @@ def collect_attention(trained: loading.TrainedModel,
   if not isinstance(model, VisionTransformer):
     raise ValueError(f'{type(model).__name__} has no attention layers (MLP-Mixer '
                      'mixes tokens with MLPs); attention maps need a ViT.')
-  # The fused kernel does not expose its probabilities; same params either way.
+  if model.token_mixer != 'attention':
+    how = {'global_filter': "a global filter (GFNet's)", 'afno': 'AFNO'}
+    raise ValueError(
+        f'this model mixes tokens with {how[model.token_mixer]} in the frequency '
+        'domain: it has no attention weights to draw.')
+  note = ''
+  if model.attention_impl == 'favor':
+    note = ('FAVOR+ never forms attention weights: drawn is the exact softmax '
+            'attention of its queries and keys, which FAVOR+ estimates')
+  # The fused kernel and FAVOR+ do not expose probabilities; same params.
   model = model.clone(attention_impl='xla')
   x = trained.preprocess(image)
   logits, state = jax.jit(lambda p, x: model.apply(
@@ -107,7 +122,7 @@ def collect_attention(trained: loading.TrainedModel,
   return Attention(
       weights=weights.astype(np.float32), probe=probe,
       classifier=model.classifier, grid=(side, side), image=x,
-      probs=np.asarray(jax.nn.softmax(logits[0])))
+      probs=np.asarray(jax.nn.softmax(logits[0])), note=note)
 
 
 def head_maps(att: Attention) -> np.ndarray:
@@ -193,7 +208,8 @@ def render(att: Attention, out: str, *, title: str = '',
     panel(axes[row, heads], maps[layer].mean(axis=0), f'L{layer} mean')
   for ax in axes.flat:
     ax.axis('off')
-  fig.suptitle(f'{title}\nper-head attention: {query}', fontsize=8)
+  note = f'\n{att.note}' if att.note else ''
+  fig.suptitle(f'{title}\nper-head attention: {query}{note}', fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=100)
   plt.close(fig)
@@ -212,6 +228,8 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
   title = (f'{fv.image}: {trained.class_names[best]} '
            f'({att.probs[best]:.2f}), classifier={att.classifier}')
   render(att, fv.out, title=title, layers=layers)
+  if att.note:
+    print(f'note: {att.note}')
   print(f'wrote {fv.out}')
 
 
