@@ -18,9 +18,11 @@ from configs import augreg
 from configs import common
 from configs import deit_s
 from configs import fashion_mnist_long
+from configs import gfnet
 from configs import vit_s16_i1k
 from tiny import SHRINK
 from tiny import parse_config as parse
+from vit_jax import checkpoint
 from vit_jax import config_keys
 from vit_jax import evaluation
 from vit_jax import metrics
@@ -130,10 +132,42 @@ def test_deit_s():
   run_setup.check_config(config)
 
 
+def test_gfnet_is_deit_with_the_official_differences(tmp_path):
+  deit = parse('deit_s.py')
+  for variant, drop_path in (('Ti', 0.0), ('XS', 0.0), ('S', 0.15), ('B', 0.25)):
+    config = parse(f'gfnet.py:{variant}')
+    assert config.model.name == f'GFNet-{variant}'
+    built = models.create_model(config.model, 1000)
+    assert (built.token_mixer, built.classifier, built.stochastic_depth) == (
+        'global_filter', 'gap', drop_path)
+    assert (config.optim.grad_clip_norm, config.pp.random_erase_prob,
+            config.train.ema_decay) == (1.0, 0.0, 0.0)
+    assert (config.schedule.base_lr, config.batch_size, config.mixup.mixup_alpha) == (
+        deit.schedule.base_lr, deit.batch_size, deit.mixup.mixup_alpha)
+    run_setup.check_config(config)
+  with pytest.raises(ValueError, match='configs/gfnet.py:M'):
+    gfnet.get_config('M')
+  # The recipe trains end to end with the tiny GFNet (no cls token, filters).
+  config = parse('gfnet.py:S')
+  config.update(SHRINK)
+  config.model.name = 'GFNet-test'
+  config.model.num_layers = 1
+  config.schedule.warmup_steps = 1
+  workdir = str(tmp_path / 'w')
+  with tfds.testing.mock_data(num_examples=16):
+    final = trainer.train_and_evaluate(config, workdir)
+  split = evaluation.split_name(config.eval.splits)
+  assert np.isfinite(final[f'eval_{split}_top1'])
+  params = checkpoint.load_params(workdir)
+  assert params['Transformer']['encoderblock_0']['GlobalFilter_1'][
+      'complex_weight'].shape == (2, 2, 32, 2)  # 8 px / patch 4: a 2x2 grid.
+
+
 def test_paper_numbers_are_in_the_docstrings():
   numbers = [(vit_s16_i1k, f'{v}%') for v in vit_s16_i1k.PAPER_TOP1.values()]
   numbers += [(augreg, f'{v:.2f}%') for v in augreg.PAPER_TOP1.values()]
   numbers += [(deit_s, f'{deit_s.PAPER_TOP1}%')]
+  numbers += [(gfnet, f'{v}%') for v in gfnet.PAPER_TOP1.values()]
   for module, number in numbers:
     assert number in module.__doc__, (module.__name__, number)
     assert 'paper number' in module.__doc__.lower()
