@@ -16,8 +16,9 @@ from vit_jax.models.layers import MlpBlock
 
 
 def _init_apply(module, x):
-  params = module.init(jax.random.key(0), x)['params']
-  return params, np.asarray(module.apply({'params': params}, x))
+  # Jitted: one compile instead of one per op (these tests are about numbers).
+  params = jax.jit(module.init)(jax.random.key(0), x)['params']
+  return params, np.asarray(jax.jit(module.apply)({'params': params}, x))
 
 
 @pytest.mark.parametrize('grid', [(4, 4), (5, 7), (3, 6)])
@@ -68,7 +69,7 @@ def test_afno_matches_the_reference_formulation(grid, factor, fraction):
   # The reference's init is 0.02 * N(0, 1): scale it up so that ReLU and the
   # soft-shrinkage both cut somewhere.
   params = jax.tree.map(lambda p: p * 25.0, params)
-  out = np.asarray(layer.apply({'params': params}, x))
+  out = np.asarray(jax.jit(layer.apply)({'params': params}, x))
   want = _afno_numpy(np.asarray(x, np.float64), params, grid, 2, 0.01, fraction)
   np.testing.assert_allclose(out, want, atol=1e-4)
 
@@ -92,8 +93,8 @@ def test_fourier_block_residuals_follow_the_references(mixer, double_skip):
   x = jax.random.normal(jax.random.key(3), (2, 9, 8))
   block = fourier.FourierBlock(mlp_dim=16, grid=(3, 3), token_mixer=mixer,
                                afno_num_blocks=2, afno_double_skip=double_skip)
-  params = block.init(jax.random.key(0), x, True)['params']
-  out = block.apply({'params': params}, x, True)
+  params = jax.jit(block.init, static_argnums=2)(jax.random.key(0), x, True)['params']
+  out = jax.jit(block.apply, static_argnums=2)({'params': params}, x, True)
   ln0, mix, ln2, mlp = _block_parts(block, params)
   if mixer == 'global_filter':  # x + MLP(LN(GF(LN(x)))): one residual.
     want = x + mlp(ln2(mix(ln0(x))))
@@ -131,9 +132,10 @@ def test_favor_error_falls_with_the_feature_count(kernel):
   exact = _exact_attention(*(np.asarray(a, np.float64) for a in (q, k, v)))
   errors = []
   for m in (16, 256, 4096):
-    trials = [favor.favor_attention(q, k, v, rng=jax.random.key(seed),
-                                    num_features=m, kernel=kernel)
-              for seed in range(6)]
+    estimate = jax.jit(lambda rng, m=m: jax.vmap(
+        lambda r: favor.favor_attention(q, k, v, rng=r, num_features=m,
+                                        kernel=kernel))(rng))
+    trials = estimate(jax.random.split(jax.random.key(0), 6))
     errors.append(np.mean([np.sqrt(np.mean((np.asarray(t) - exact) ** 2))
                            for t in trials]))
   assert errors[0] > errors[1] > errors[2]
@@ -151,21 +153,25 @@ def test_orthogonal_features_are_orthogonal_within_a_block():
 
 def test_favor_keeps_the_softmax_params_and_draws_features_from_its_stream():
   x = jax.random.normal(jax.random.key(6), (2, 32, 32, 3))
-  softmax = models.create_model('ViT-test_4', None)
-  performer = models.create_model('ViT-test_4', None, attention_impl='favor',
-                                  favor_features=64)
-  params = softmax.init(jax.random.key(0), x)['params']
-  assert (jax.tree.structure(performer.init(jax.random.key(0), x)['params'])
-          == jax.tree.structure(params))
+  softmax = models.create_model('ViT-test_4', None, num_layers=1)
+  performer = models.create_model('ViT-test_4', None, num_layers=1,
+                                  attention_impl='favor', favor_features=64)
+  params = jax.jit(softmax.init)(jax.random.key(0), x)['params']
+  assert (jax.tree.structure(jax.eval_shape(performer.init, jax.random.key(0), x)[
+      'params']) == jax.tree.structure(params))
   # Outside training (or with no `favor` stream) the features come from the
   # fixed seed: repeatable, and another seed gives another estimate.
-  evaluate = lambda model: np.asarray(model.apply({'params': params}, x))
-  np.testing.assert_array_equal(evaluate(performer), evaluate(performer))
-  reseeded = performer.clone(favor_seed=1)
-  assert not np.array_equal(evaluate(reseeded), evaluate(performer))
-  train = lambda key: np.asarray(performer.apply(
+  evaluate = jax.jit(lambda seed: performer.clone(favor_seed=seed).apply(
+      {'params': params}, x), static_argnums=0)
+  fixed = np.asarray(evaluate(0))
+  # Eager, no rngs at all, one image: the same features (to rounding).
+  np.testing.assert_allclose(
+      np.asarray(performer.apply({'params': params}, x[:1])), fixed[:1], atol=1e-5)
+  assert not np.array_equal(np.asarray(evaluate(1)), fixed)
+  train_apply = jax.jit(lambda key: performer.apply(
       {'params': params}, x, train=True,
       rngs={'dropout': jax.random.key(0), 'favor': key}))
+  train = lambda key: np.asarray(train_apply(key))
   np.testing.assert_array_equal(train(jax.random.key(7)), train(jax.random.key(7)))
   assert not np.array_equal(train(jax.random.key(7)), train(jax.random.key(8)))
 
@@ -173,11 +179,11 @@ def test_favor_keeps_the_softmax_params_and_draws_features_from_its_stream():
 def test_fourier_models_run_in_bfloat16_with_float32_ffts():
   x = jax.random.normal(jax.random.key(7), (2, 32, 32, 3))
   for name in ('GFNet-test', 'AFNO-test_4'):
-    model32 = models.create_model(name, None)
-    model16 = models.create_model(name, None, dtype='bfloat16')
-    params = model32.init(jax.random.key(0), x)['params']
-    a = np.asarray(model32.apply({'params': params}, x))
-    b = np.asarray(model16.apply({'params': params}, x))
+    model32 = models.create_model(name, None, num_layers=1)
+    model16 = models.create_model(name, None, num_layers=1, dtype='bfloat16')
+    params = jax.jit(model32.init)(jax.random.key(0), x)['params']
+    a = np.asarray(jax.jit(model32.apply)({'params': params}, x))
+    b = np.asarray(jax.jit(model16.apply)({'params': params}, x))
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max() + 0.05, name
 
 
