@@ -1,5 +1,9 @@
 """The token-mixer families in training, fine-tuning and the tools' plumbing."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -65,6 +69,32 @@ def test_favor_features_are_a_pure_function_of_the_state_and_step():
   _, at_0 = step(state, batch)
   _, at_5 = step(state.replace(step=state.step + 5), batch)
   assert float(at_0['train_loss']) != float(at_5['train_loss'])
+
+
+_FAVOR_TRAIN_STEPS = """
+import jax, jax.numpy as jnp
+from vit_jax import models
+model = models.create_model('ViT-Ti_16-gap', 10, attention_impl='favor', num_layers=4)
+x = jnp.ones((2, 32, 32, 3))
+params = jax.jit(model.init)(jax.random.key(0), x)['params']
+loss = lambda p, key: jnp.mean(model.apply({'params': p}, x, train=True,
+                                           rngs={'favor': key}) ** 2)
+grad = jax.jit(jax.grad(loss))
+for i in range(2):
+  jax.block_until_ready(grad(params, jax.random.key(i)))
+print('trained')
+"""
+
+
+def test_favor_training_does_not_deadlock_xla_cpu():
+  # Random features redrawn in every step through jnp.linalg.qr (LAPACK)
+  # deadlocked XLA:CPU's concurrency-optimised scheduler with this shape (4
+  # layers of head_dim 64, m = 256): the step never returned. In a subprocess
+  # with a deadline, so that a regression fails instead of hanging the suite.
+  proc = subprocess.run([sys.executable, '-c', _FAVOR_TRAIN_STEPS],
+                        capture_output=True, text=True, timeout=240,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0 and 'trained' in proc.stdout, proc.stderr[-2000:]
 
 
 def _gfnet_params(size):
