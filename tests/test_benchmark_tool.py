@@ -14,7 +14,9 @@ import pytest
 
 from vit_jax import data
 from vit_jax import flops
+from vit_jax.tools import bench_mixers
 from vit_jax.tools import bench_pipeline
+from vit_jax.tools import bench_timm
 from vit_jax.tools import benchmark
 from vit_jax.tools import cli
 from tiny import quickstart_on_digits
@@ -84,6 +86,9 @@ def test_quickstart_model_takes_its_config_shape():
     (['--model=ViT-X_16'], 'Unknown model'),
     (['--image_size=15'], 'not divisible by the patch size'),
     (['--pipeline', '--mode=infer'], 'drop --mode=infer'),
+    (['--sweep=mixers', '--sweep_tokens=64,100,120'], '120 is not a square'),
+    (['--sweep=mixers', '--sweep_sizes=230'], 'not divisible by the patch'),
+    (['--sweep=mixers', '--sweep_mixers=softmax,mamba'], "['mamba'] not in"),
 ])
 def test_bad_flags_fail_before_compiling(args, message, capsys):
   code = cli.run(benchmark.define_flags, benchmark.main,
@@ -153,7 +158,6 @@ def test_jpeg_folder_pipeline(tmp_path):
 def test_timm_comparison_refuses_what_timm_cannot_mirror():
   # Checked before torch is imported: a conv stem or a ResNet stem is not a
   # plain ViT, and comparing with one would time a different model.
-  from vit_jax.tools import bench_timm
   fields = benchmark.model_fields(_flags(['--model=quickstart']).config.model,
                                   'float32')
   with pytest.raises(ValueError, match=r'conv_stem \(16, 32, 64\)'):
@@ -165,6 +169,27 @@ def test_timm_comparison_refuses_what_timm_cannot_mirror():
   with pytest.raises(ValueError, match='plain ViTs, not R-test'):
     bench_timm.timm_kwargs(benchmark.model_fields('R-test+ViT-test', 'float32'),
                            (32, 32, 3), 10)
+  # timm's ViT mixes tokens with exact softmax attention only.
+  for name, match in (('AFNO-test_4', "no 'afno' token mixer"),
+                      ('GFNet-test', "no 'global_filter' token mixer")):
+    with pytest.raises(ValueError, match=match):
+      bench_timm.timm_kwargs(benchmark.model_fields(name, 'float32'),
+                             (32, 32, 3), 10)
+  fields = benchmark.model_fields('ViT-test_4-gap', 'float32')
+  fields.attention_impl = 'favor'
+  with pytest.raises(ValueError, match=r'no FAVOR\+ attention'):
+    bench_timm.timm_kwargs(fields, (32, 32, 3), 10)
+
+
+def test_compare_timm_refuses_a_model_it_lacks_before_compiling(monkeypatch,
+                                                                capsys):
+  monkeypatch.setattr(bench_timm, 'check_installed', lambda: None)
+  monkeypatch.setattr(benchmark, 'build_jax_step', lambda *a: pytest.fail(
+      'compiled a model timm cannot mirror'))
+  code = cli.run(benchmark.define_flags, benchmark.main,
+                 ['benchmark', *TINY, '--model=GFNet-test', '--compare=timm'])
+  assert code == 1
+  assert "no 'global_filter' token mixer" in capsys.readouterr().err
 
 
 def test_the_benchmark_runs_without_tensorflow_tfds_or_clu(tmp_path):
@@ -187,3 +212,113 @@ def test_the_benchmark_runs_without_tensorflow_tfds_or_clu(tmp_path):
   proc = run('vit_jax.data.pipeline')
   assert proc.returncode != 0
   assert 'is not installed here (a TF-free run)' in proc.stderr
+
+
+# --------------------------------------------------------------------------------
+# --sweep=mixers (vit_jax/tools/bench_mixers.py), on the registry's test models.
+# --------------------------------------------------------------------------------
+SWEEP = ['--sweep=mixers', '--sweep_family=test', '--sweep_repeats=1',
+         '--sweep_steps=1']
+
+
+@pytest.mark.slow
+def test_mixer_sweep_end_to_end(tmp_path, capsys):
+  # In this process: a fresh process per point (the default, covered below)
+  # costs seconds of imports each. Softmax attention and the global filter
+  # take both paths of a block (attention, Fourier); FAVOR+ and AFNO, whose
+  # compiles are the slowest, run in the next test.
+  out, plot = tmp_path / 'sweep.json', tmp_path / 'sweep.png'
+  code = cli.run(benchmark.define_flags, benchmark.main, [
+      'benchmark', *SWEEP, '--sweep_tokens=16,64', '--sweep_sizes=32',
+      '--sweep_mixers=softmax,global_filter', '--sweep_in_process',
+      f'--sweep_json={out}', f'--sweep_plot={plot}'])
+  assert code == 0
+  result = json.loads(out.read_text())
+  points = result['points']
+  mixers, modes = ('softmax', 'global_filter'), ('train', 'infer')
+  expected = [('block', mixer, mode, tokens) for mixer in mixers
+              for mode in modes for tokens in (16, 64)]
+  expected += [('model', mixer, mode, 64)  # 32 px = 8x8 patches of 4 px.
+               for mixer in mixers for mode in modes]
+  assert sorted((p['kind'], p['mixer'], p['mode'], p['tokens'])
+                for p in points) == sorted(expected)
+  for p in points:
+    assert p['ok'], p
+    _assert_positive(p, ('img_per_sec', 'step_ms', 'peak_mb', 'params',
+                         'compile_s'))
+  params = {(p['kind'], p['mixer'], p['tokens']): p['params'] for p in points}
+  # The global filter holds a weight per frequency: more tokens, more params.
+  assert params['block', 'softmax', 16] == params['block', 'softmax', 64]
+  assert (params['block', 'global_filter', 16] <
+          params['block', 'global_filter', 64])
+  assert params['model', 'softmax', 64] == 53_768  # ViT-test_4-gap, 1000 classes.
+  for kind, compared in (('block', [16, 64]), ('model', [64])):
+    row = result['crossings'][kind]['global_filter']
+    for cell in row.values():
+      assert cell['compared'] == compared
+      assert cell['text'] in ('16', '64', 'none up to 64', '16 (slower at [64])')
+  report = capsys.readouterr().out
+  assert 'block: smallest token count faster than softmax' in report
+  assert report.splitlines() == result['report']
+  assert result['complete'] and result['backend'] == 'cpu'
+  assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_mixer_sweep_records_a_failed_point_and_goes_on(monkeypatch, tmp_path):
+  # Width 36 is not divisible by AFNO's 8 blocks: its points fail to build.
+  _, family = bench_mixers.FAMILIES['test']
+  monkeypatch.setitem(bench_mixers.FAMILIES, 'test', ((36, 64, 2), family))
+  out = tmp_path / 'sweep.json'
+  code = cli.run(benchmark.define_flags, benchmark.main, [
+      'benchmark', *SWEEP, '--sweep_tokens=16', '--sweep_sizes=',
+      '--sweep_mixers=afno,softmax,favor', '--sweep_in_process',
+      f'--sweep_json={out}'])
+  assert code == 0
+  result = json.loads(out.read_text())
+  ok = {(p['mixer'], p['mode']): p['ok'] for p in result['points']}
+  assert ok == {(mixer, mode): mixer != 'afno' for mixer in
+                ('softmax', 'favor', 'afno') for mode in ('train', 'infer')}
+  for p in result['points']:
+    if p['ok']:
+      _assert_positive(p, ('img_per_sec', 'peak_mb', 'params'))
+    else:
+      assert 'not divisible by afno_num_blocks 8' in p['error']
+  assert result['crossings']['block']['afno']['train']['text'] == 'not measured'
+  assert result['crossings']['block']['favor']['infer']['compared'] == [16]
+  assert result['crossings']['model'] == {}
+  assert any(line.startswith('FAILED block afno') for line in result['report'])
+
+
+def test_mixer_sweep_point_in_its_own_process():
+  fv = _flags([*SWEEP, '--sweep_tokens=16', '--sweep_sizes=',
+               '--sweep_mixers=global_filter'])
+  train, infer = bench_mixers.make_points(fv)
+  result = bench_mixers.run_point_subprocess(infer, timeout_s=240)
+  assert result['ok'], result
+  _assert_positive(result, ('img_per_sec', 'peak_mb', 'base_rss_mb', 'params'))
+  assert result['memory'] == 'host peak RSS'
+  assert result['base_rss_mb'] <= result['peak_mb'] == result['peak_rss_mb']
+  assert (result['mixer'], result['tokens'], result['batch']) == (
+      'global_filter', 16, 4)
+  # A point that does not finish is a failed point, not a failed sweep.
+  slow = bench_mixers.run_point_subprocess(train, timeout_s=0.01)
+  assert not slow['ok'] and 'timed out' in slow['error']
+
+
+def test_crossing_table():
+  def point(mixer, tokens, speed, mode='train', ok=True):
+    return dict(kind='block', mixer=mixer, mode=mode, tokens=tokens,
+                img_per_sec=speed, ok=ok)
+  points = [point('softmax', 64, 100), point('softmax', 256, 50),
+            point('softmax', 1024, 10), point('favor', 64, 20),
+            point('favor', 256, 60), point('favor', 1024, 5),
+            point('afno', 64, 10), point('afno', 256, 40),
+            point('afno', 1024, 0, ok=False),
+            point('softmax', 64, 100, 'infer'), point('afno', 64, 200, 'infer')]
+  table = bench_mixers.crossings(points, 'block')
+  assert table['favor']['train'] == dict(
+      faster_from=256, faster_at=[256], compared=[64, 256, 1024],
+      text='256 (slower at [1024])')
+  assert table['afno']['train']['text'] == 'none up to 256'  # 1024 failed.
+  assert table['afno']['infer']['text'] == '64'
+  assert table['favor']['infer']['text'] == 'not measured'

@@ -56,10 +56,19 @@ def timm_kwargs(fields: ml_collections.ConfigDict, shape: tuple[int, int, int],
   """timm.create_model name and arguments for our model `fields`.
 
   Raises ValueError for what timm's plain ViT cannot mirror (hybrids, Mixer,
-  a pre-logits layer, MAP pooling).
+  a Fourier token mixer, FAVOR+ attention, a pre-logits layer, MAP pooling).
   """
   if fields.model_type != 'vit' or fields.get('resnet') is not None:
     raise ValueError(f'--compare=timm supports plain ViTs, not {fields.name}.')
+  mixer = fields.get('token_mixer', 'attention')
+  if mixer != 'attention':
+    raise ValueError(f"--compare=timm: timm's VisionTransformer has no "
+                     f'{mixer!r} token mixer, only softmax attention; compare '
+                     f"a model with token_mixer='attention', not {fields.name}.")
+  if fields.get('attention_impl') == 'favor':
+    raise ValueError("--compare=timm: timm's VisionTransformer has no FAVOR+ "
+                     "attention; compare with attention_impl='xla' (or "
+                     "'fused').")
   if fields.get('conv_stem'):
     raise ValueError('--compare=timm supports plain ViTs, not a conv_stem '
                      f'{tuple(fields.conv_stem)} (set --config.model.conv_stem=()).')
@@ -103,8 +112,8 @@ def build_timm_step(fields: ml_collections.ConfigDict, mode: str, batch: int,
                     config: ml_collections.ConfigDict, dtype: str
                     ) -> tuple[Callable[[int], int], dict[str, Any]]:
   """run(n) doing n torch steps, and facts (timm_model, params, threads)."""
+  name, kwargs = timm_kwargs(fields, shape, num_classes)  # Refuses before torch.
   torch, timm = _import_torch_timm()
-  name, kwargs = timm_kwargs(fields, shape, num_classes)
   model = timm.create_model(name, **kwargs)
   rng = np.random.default_rng(0)
   size, _, channels = shape

@@ -8,6 +8,8 @@
         --model=ViT-S_16 --batch=16 --config.input.image_size=224 \\
         --config.input.channels=3 \\
         --config.pp.train_crop=inception
+    python -m vit_jax.tools.benchmark --sweep=mixers --sweep_json=mixers.json \\
+        --sweep_plot=mixers.png                # bench_mixers.py: token mixers
 
 The train step timed is the trainer's own (steps.make_train_step with the
 --config's optimizer, default configs/quickstart.py = AdamW + clipping, jitted
@@ -54,6 +56,7 @@ from vit_jax import models
 from vit_jax import parallel
 from vit_jax import run_setup
 from vit_jax import steps
+from vit_jax.tools import bench_mixers
 from vit_jax.tools import bench_timing
 from vit_jax.tools import bench_timm
 from vit_jax.tools import cli
@@ -102,6 +105,39 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                        flag_values=fv)
   flags.DEFINE_string('json', None, 'Also write the results to this file.',
                       flag_values=fv)
+  # The token-mixer sweep of vit_jax/tools/bench_mixers.py (its docstring).
+  flags.DEFINE_enum('sweep', '', ('', 'mixers'), "'mixers': sweep the token "
+                    'mixers instead of timing one step; reads --dtype, '
+                    '--num_classes and --config (train optimizer) too.',
+                    flag_values=fv)
+  flags.DEFINE_string('sweep_json', None, 'Write the sweep here (rewritten '
+                      'after every point).', flag_values=fv)
+  flags.DEFINE_string('sweep_plot', None, 'Write its plot (PNG) here.',
+                      flag_values=fv)
+  flags.DEFINE_list('sweep_tokens', '64,256,576,1024,2304,4096', 'Token counts '
+                    'of the one-block points, squares (empty: none).',
+                    flag_values=fv)
+  flags.DEFINE_list('sweep_sizes', '224,448,672,896', 'Image sizes of the '
+                    'full-model points (empty: none).', flag_values=fv)
+  flags.DEFINE_list('sweep_mixers', ','.join(bench_mixers.MIXERS), 'Mixers to '
+                    'time; the crossing table needs softmax.', flag_values=fv)
+  flags.DEFINE_integer('sweep_batch', 4, 'Batch of the one-block points.',
+                       flag_values=fv)
+  flags.DEFINE_integer('sweep_model_batch', 2, 'Batch of the full-model '
+                       'points.', flag_values=fv)
+  flags.DEFINE_integer('sweep_steps', 1, 'Fewest steps per timed run (more '
+                       'to fill 0.1 s).', flag_values=fv)
+  flags.DEFINE_integer('sweep_repeats', 3, 'Timed runs per point; the median '
+                       'is reported.', flag_values=fv)
+  flags.DEFINE_integer('sweep_timeout', 900, 'Seconds a point may take, '
+                       'compile included, before it counts as failed.',
+                       flag_values=fv)
+  flags.DEFINE_enum('sweep_family', 'Ti', tuple(bench_mixers.FAMILIES),
+                    "Shapes: 'Ti', or 'test' (tiny, for the tool's tests).",
+                    flag_values=fv)
+  flags.DEFINE_bool('sweep_in_process', False, 'Run the points in this '
+                    'process (tests, debugging): peak memory is then the '
+                    'maximum so far, not per point.', flag_values=fv)
 
 
 def check_flags(fv: flags.FlagValues) -> None:
@@ -269,6 +305,8 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
       runs['pipeline'] = pipe_run
     model, shape, num_classes = resolve_shape(fv, num_classes)
     fields = model_fields(model, fv.dtype)
+    if fv.compare == 'timm':  # What timm cannot mirror fails before compiling.
+      bench_timm.timm_kwargs(fields, shape, num_classes)
     jax_run, facts = build_jax_step(config, fields, fv.mode, batch, shape,
                                     num_classes)
     runs = {'jax': jax_run, **runs}
@@ -332,6 +370,9 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv  # cli.run applied the config's CPU device split, as train.py does.
+  if fv.sweep:  # Many points, each in its own process.
+    bench_mixers.main(fv)
+    return
   result = benchmark(fv)
   print(format_result(result))
   if fv.json:
