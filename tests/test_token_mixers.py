@@ -142,6 +142,26 @@ def test_favor_error_falls_with_the_feature_count(kernel):
   assert errors[0] / errors[2] > 8, errors
 
 
+def test_favor_stays_finite_where_features_would_underflow():
+  # Logits of hundreds (|q|, |k| ~ 20 sigma): exp() of the raw features
+  # under- and overflows, and with only a per-query and a global key shift
+  # the normaliser of some queries was 0 (NaN output and gradient). With the
+  # per-feature shift it is >= 1/m by construction.
+  q, k, v = (20.0 * jax.random.normal(key, (1, 64, 1, 16))
+             for key in jax.random.split(jax.random.key(1), 3))
+  scale = 16 ** -0.25
+  projection = favor.orthogonal_gaussian(jax.random.key(0), 64, 16)
+  phi_q, phi_k = favor.feature_maps(q * scale, k * scale, projection, 'positive')
+  normaliser = jnp.einsum('blhm,bhm->blh', phi_q, phi_k.sum(1))
+  assert float(normaliser.min()) >= 1 / 64 * (1 - 1e-6)
+  attend = lambda q: favor.favor_attention(q, k, v, rng=jax.random.key(0),
+                                           num_features=64)
+  out, grad = attend(q), jax.grad(lambda q: jnp.sum(attend(q)))(q)
+  assert np.all(np.isfinite(out)) and np.all(np.isfinite(grad))
+  # Still a convex combination of the values, as attention is.
+  assert float(jnp.max(out)) <= float(jnp.max(v)) + 1e-4
+
+
 def test_orthogonal_features_are_orthogonal_within_a_block():
   w = np.asarray(favor.orthogonal_gaussian(jax.random.key(5), 20, 8))
   assert w.shape == (20, 8)

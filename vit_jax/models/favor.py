@@ -8,13 +8,26 @@ per head instead of ~4 * tokens^2 * d. It pays only beyond roughly 2m tokens.
 Two feature maps (the reference `performer/fast_attention` names):
 
 - 'positive' (FAVOR+, the default): phi(x) = exp(w.x - |x|^2/2) / sqrt(m) with
-  the rows w of an orthogonal Gaussian matrix (orthogonal blocks from a QR,
-  row lengths drawn from the chi distribution of Gaussian rows). Positive, so
-  the normaliser never vanishes. A max is subtracted inside the exp for
-  stability (per query token; over all keys for the keys); it cancels in the
-  ratio. Its gradient is stopped, since it changes nothing but rounding.
+  the rows w of an orthogonal Gaussian matrix (orthogonal blocks, row lengths
+  drawn from the chi distribution of Gaussian rows). Positive, so the
+  normaliser is a sum of positive terms.
 - 'trig': sin/cos random Fourier features, exp(|x|^2/2) [cos(w.x), sin(w.x)] /
   sqrt(m) (2m features; unbiased but not positive, hence less stable).
+
+Computed as is, exp() over- and underflows as soon as |q| and |k| grow in
+training, and a query whose largest features meet only underflowed key
+features gets a zero normaliser (a ViT-test FAVOR+ run went NaN at step 1022
+on Fashion-MNIST). The products phi_m(q) phi_m(k) are unchanged when feature m
+of every key is divided by c_m and feature m of every query multiplied by it,
+and the ratio is unchanged by any factor per query or per (batch, head) of
+the keys. So: each key feature is shifted to a maximum of exactly 1 over the
+keys, that shift is added to the queries' exponents, and each query's features
+to a maximum of 1; then the normaliser is >= 1/m, with nothing to overflow.
+(trig: exp(|q|^2/2) is a per-query factor and is dropped, the keys' is taken
+relative to their largest.) The shifts' gradients are stopped: the value does
+not depend on them. The reference code instead adds 1e-4 to every feature,
+which biases the estimate where features are small (its error stopped
+falling with m in tests/test_token_mixers.py); that is left out.
 
 The random matrix is a pure function of a key, never a stored variable, so
 params stay those of softmax attention (a released ViT loads as is) and
@@ -73,23 +86,27 @@ def _gram_schmidt(matrix: jax.Array) -> jax.Array:
   return q
 
 
-def feature_map(x: jax.Array, projection: jax.Array, kernel: str, *,
-                is_query: bool) -> jax.Array:
-  """phi(x) for x [batch, tokens, heads, d] (already scaled by d^-1/4)."""
+def feature_maps(q: jax.Array, k: jax.Array, projection: jax.Array,
+                 kernel: str) -> tuple[jax.Array, jax.Array]:
+  """(phi(q), phi(k)) for q, k [batch, tokens, heads, d] (scaled by d^-1/4),
+  up to factors that cancel in the attention ratio (see the module doc)."""
   num_features = projection.shape[0]
-  proj = jnp.einsum('blhd,md->blhm', x, projection)
-  half_sq_norm = 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+  q_proj = jnp.einsum('blhd,md->blhm', q, projection)
+  k_proj = jnp.einsum('blhd,md->blhm', k, projection)
+  half_sq_norm = lambda x: 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+  shift = lambda x, axis: jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
   if kernel == 'positive':
-    # Any factor shared by all features of a query, or by all features of all
-    # keys, cancels in the ratio: take out the largest exponent so the biggest
-    # feature is exactly 1 (no overflow, no all-zero row).
-    exponent = proj - half_sq_norm
-    axes = (-1,) if is_query else (1, -1)
-    exponent -= jax.lax.stop_gradient(jnp.max(exponent, axis=axes, keepdims=True))
-    return jnp.exp(exponent) / math.sqrt(num_features)
+    k_exp = k_proj - half_sq_norm(k)
+    per_feature = shift(k_exp, 1)  # Over the keys, per feature.
+    q_exp = q_proj - half_sq_norm(q) + per_feature
+    q_exp -= shift(q_exp, -1)  # Over the features, per query.
+    k_exp -= per_feature
+    return (jnp.exp(q_exp) / math.sqrt(num_features),
+            jnp.exp(k_exp) / math.sqrt(num_features))
   if kernel == 'trig':
-    scale = jnp.exp(half_sq_norm) / math.sqrt(num_features)
-    return scale * jnp.concatenate([jnp.cos(proj), jnp.sin(proj)], axis=-1)
+    trig = lambda x: jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=-1)
+    k_scale = jnp.exp(half_sq_norm(k) - shift(half_sq_norm(k), 1))
+    return trig(q_proj) / math.sqrt(num_features), k_scale * trig(k_proj)
   raise ValueError(f'favor_kernel {kernel!r} not in {FEATURE_KERNELS}')
 
 
@@ -104,10 +121,8 @@ def favor_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   head_dim = query.shape[-1]
   projection = orthogonal_gaussian(rng, num_features, head_dim)
   scale = head_dim ** -0.25  # q.k / sqrt(d) == (q d^-1/4).(k d^-1/4)
-  q = feature_map(query.astype(jnp.float32) * scale, projection, kernel,
-                  is_query=True)
-  k = feature_map(key.astype(jnp.float32) * scale, projection, kernel,
-                  is_query=False)
+  q, k = feature_maps(query.astype(jnp.float32) * scale,
+                      key.astype(jnp.float32) * scale, projection, kernel)
   kv = jnp.einsum('blhm,blhd->bhmd', k, value.astype(jnp.float32))
   numerator = jnp.einsum('blhm,bhmd->blhd', q, kv)
   denominator = jnp.einsum('blhm,bhm->blh', q, jnp.sum(k, axis=1))
