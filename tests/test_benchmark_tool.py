@@ -15,6 +15,7 @@ import pytest
 from vit_jax import data
 from vit_jax import flops
 from vit_jax.tools import bench_mixers
+from vit_jax.tools import bench_mixers_report
 from vit_jax.tools import bench_pipeline
 from vit_jax.tools import bench_timm
 from vit_jax.tools import benchmark
@@ -315,7 +316,7 @@ def test_crossing_table():
             point('afno', 64, 10), point('afno', 256, 40),
             point('afno', 1024, 0, ok=False),
             point('softmax', 64, 100, 'infer'), point('afno', 64, 200, 'infer')]
-  table = bench_mixers.crossings(points, 'block')
+  table = bench_mixers_report.crossings(points, 'block')
   assert table['favor']['train'] == dict(
       faster_from=256, faster_at=[256], compared=[64, 256, 1024],
       text='256 (slower at [1024])')

@@ -46,14 +46,12 @@ from vit_jax import parallel
 from vit_jax import steps
 from vit_jax.models import fourier
 from vit_jax.models import vit
+from vit_jax.tools import bench_mixers_report as mixers_report
 from vit_jax.tools import bench_timing
 from vit_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MIXERS = ('softmax', 'favor', 'afno', 'global_filter')
-MODES = ('train', 'infer')
-KINDS = ('block', 'model')
-REFERENCE = 'softmax'
+MIXERS, MODES, KINDS = mixers_report.MIXERS, mixers_report.MODES, mixers_report.KINDS
 # Per family: the one-block shape (hidden, mlp, heads), and per mixer the
 # registered model and its overrides. 'test' is the registry's tiny models.
 FAMILIES = {
@@ -258,111 +256,8 @@ def run_point_subprocess(point: dict[str, Any], timeout_s: float
 
 
 # --------------------------------------------------------------------------------
-# The sweep and its report.
+# The sweep (its report: bench_mixers_report.py).
 # --------------------------------------------------------------------------------
-def crossings(points: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-  """{mixer: {mode: {faster_from, faster_at, compared, text}}}: token counts
-  (of `kind` points) at which the mixer beats softmax attention in img/s."""
-  table: dict[str, Any] = {}
-  speed = lambda mixer, mode: {p['tokens']: p['img_per_sec'] for p in points
-                               if p['ok'] and p['kind'] == kind
-                               and p['mixer'] == mixer and p['mode'] == mode}
-  measured = {p['mixer'] for p in points if p['kind'] == kind}
-  for mixer in [m for m in MIXERS if m in measured and REFERENCE in measured
-                and m != REFERENCE]:
-    for mode in MODES:
-      ref, own = speed(REFERENCE, mode), speed(mixer, mode)
-      both = sorted(set(ref) & set(own))
-      faster = [t for t in both if own[t] > ref[t]]
-      if not both:
-        text = 'not measured'
-      elif not faster:
-        text = f'none up to {both[-1]}'
-      else:
-        slower = [t for t in both if t > faster[0] and t not in faster]
-        text = str(faster[0]) + (f' (slower at {slower})' if slower else '')
-      table.setdefault(mixer, {})[mode] = dict(
-          faster_from=faster[0] if faster else None, faster_at=faster,
-          compared=both, text=text)
-  return table
-
-
-def _num(value: float) -> str:
-  return f'{value:.0f}' if value >= 100 else f'{value:.3g}'
-
-
-def _speed_table(points: list[dict[str, Any]], kind: str) -> list[str]:
-  """Rows (mode, mixer), a column per token count: 'img/s peak-MB' cells."""
-  mine = [p for p in points if p['kind'] == kind]
-  tokens = sorted({p['tokens'] for p in mine})
-  label = {p['tokens']: (f"{p['image_size']}px/{p['tokens']}" if kind == 'model'
-                         else str(p['tokens'])) for p in mine}
-  lines = [f"{'':21}" + ''.join(f'{label[t]:>17}' for t in tokens)]
-  for mode in MODES:
-    for mixer in MIXERS:
-      row = {p['tokens']: (f"{_num(p['img_per_sec'])}/s {p['peak_mb']:.0f}MB"
-                           if p['ok'] else 'FAILED') for p in mine
-             if (p['mode'], p['mixer']) == (mode, mixer)}
-      if row:
-        lines.append(f'{mode:6}{mixer:15}' + ''.join(
-            f"{row.get(t, '-'):>17}" for t in tokens))
-  return lines
-
-
-def format_report(result: dict[str, Any]) -> str:
-  """The sweep's tables; the JSON holds everything."""
-  hidden, mlp, heads = result['block_shape']
-  lines = [f"token mixers on {result['cpu']} ({result['backend']}, "
-           f"{result['dtype']}): img/s and peak memory by token count"]
-  titles = {'block': f'one block (hidden {hidden}, MLP {mlp}, {heads} heads), '
-                     f"batch {result['block_batch']}",
-            'model': f"full models, batch {result['model_batch']}"}
-  for kind in KINDS:
-    if any(p['kind'] == kind for p in result['points']):
-      lines += ['', titles[kind]] + _speed_table(result['points'], kind)
-    if result['crossings'].get(kind):
-      lines += ['', f'{kind}: smallest token count faster than {REFERENCE}',
-                f"{'':15}{'train':>24}{'infer':>24}"]
-      lines += [f'{mixer:15}' + ''.join(f"{modes[m]['text']:>24}" for m in MODES)
-                for mixer, modes in result['crossings'][kind].items()]
-  lines += [f"FAILED {p['kind']} {p['mixer']} {p['mode']} {p['tokens']} "
-            f"tokens: {p['error']}" for p in result['points'] if not p['ok']]
-  return '\n'.join(lines)
-
-
-def write_plot(result: dict[str, Any], path: str) -> None:
-  """img/s and peak memory vs tokens (log-log), train and infer, as a PNG."""
-  # Imported here: matplotlib is slow to import and only the plot needs it.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(12, 8), layout='constrained')
-  axes = fig.subplots(2, 2)
-  colors = dict(zip(MIXERS, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red')))
-  ok = [p for p in result['points'] if p['ok']]
-  tokens = sorted({p['tokens'] for p in ok})
-  memory = ', '.join(sorted({p['memory'] for p in ok}))
-  for col, mode in enumerate(MODES):
-    for row, (field, ylabel) in enumerate((('img_per_sec', 'img/s'),
-                                           ('peak_mb', f'peak MB ({memory})'))):
-      ax = axes[row, col]
-      for mixer in MIXERS:
-        for kind, style in zip(KINDS, ('o-', 's--')):
-          xy = sorted((p['tokens'], p[field]) for p in ok
-                      if (p['kind'], p['mixer'], p['mode']) == (kind, mixer, mode))
-          if xy:
-            ax.plot(*zip(*xy), style, color=colors[mixer], label=f'{mixer} {kind}')
-      ax.set(xscale='log', yscale='log', xlabel='tokens', ylabel=ylabel,
-             title=f'{mode}: {ylabel}')
-      ax.set_xticks(tokens, [str(t) for t in tokens])
-      ax.set_xticks([], minor=True)
-  lines = {line.get_label(): line for ax in axes.flat for line in ax.lines}
-  order = [f'{m} {k}' for m in MIXERS for k in KINDS if f'{m} {k}' in lines]
-  fig.legend([lines[label] for label in order], order, loc='outside right upper')
-  fig.suptitle(f"Token mixers (o- one block, batch {result['block_batch']}; "
-               f"s-- full model, batch {result['model_batch']}) on "
-               f"{result['cpu']}, backend {result['backend']}")
-  fig.savefig(path, dpi=100)
-
-
 def _write_json(result: dict[str, Any], path: str | None) -> None:
   if path:
     with open(path, 'w', encoding='utf-8') as f:
@@ -385,13 +280,13 @@ def sweep(fv: flags.FlagValues) -> dict[str, Any]:
     result['points'].append(done)
     if done['ok'] and result['backend'] is None:
       result['backend'], result['device_kind'] = done['backend'], done['device_kind']
-    status = (f"{_num(done['img_per_sec'])} img/s, {done['peak_mb']:.0f} MB"
+    status = (f"{mixers_report.format_number(done['img_per_sec'])} img/s, {done['peak_mb']:.0f} MB"
               if done['ok'] else f"FAILED: {done['error']}")
     print(f"[{i + 1}/{len(points)}] {point['kind']} {point['mixer']} "
           f"{point['mode']} {point['tokens']} tokens: {status}",
           file=sys.stderr, flush=True)
     _write_json(result, fv.sweep_json)  # A long sweep keeps what it has.
-  result['crossings'] = {kind: crossings(result['points'], kind) for kind in KINDS}
+  result['crossings'] = {kind: mixers_report.crossings(result['points'], kind) for kind in KINDS}
   result['complete'] = True
   return result
 
@@ -399,12 +294,12 @@ def sweep(fv: flags.FlagValues) -> dict[str, Any]:
 def main(fv: flags.FlagValues) -> None:
   """The benchmark tool's --sweep=mixers: sweep, print, write JSON and plot."""
   result = sweep(fv)
-  report = format_report(result)
+  report = mixers_report.format_report(result)
   result['report'] = report.splitlines()
   print(report)
   _write_json(result, fv.sweep_json)
   if fv.sweep_plot:
-    write_plot(result, fv.sweep_plot)
+    mixers_report.write_plot(result, fv.sweep_plot)
 
 
 def _define_point_flags(fv: flags.FlagValues, argv: list[str]) -> None:
