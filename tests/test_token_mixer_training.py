@@ -109,6 +109,7 @@ def test_gfnet_filters_are_resized_with_the_position_embedding():
   params, report = checkpoint.load_pretrained(source, init)
   name = 'Transformer/encoderblock_0/GlobalFilter_1/complex_weight'
   assert report.resized[name] == ((5, 3, 32, 2), (9, 5, 32, 2))
+  assert name not in report.loaded  # Reported once, as resized.
   assert 'Transformer/posembed_input/pos_embedding' in report.resized
   old = np.asarray(source['Transformer']['encoderblock_0']['GlobalFilter_1']
                    ['complex_weight'])

@@ -182,10 +182,6 @@ def load_pretrained(
           value, posemb_grid or init_value.shape[1],
           num_prefix_tokens=1 if 'cls' in init_params else 0,
           method=posemb_method, old_grid=ckpt_posemb_grid)
-    if value is ckpt[name] or np.array_equal(value, ckpt[name]):
-      report.loaded.append(name)
-    else:
-      report.resized[name] = (ckpt[name].shape, value.shape)
     if (name.endswith(_FILTER_SUFFIX) and value.shape != init_value.shape
         and value.shape[2:] == init_value.shape[2:]):
       if filter_resize == 'none':
@@ -196,6 +192,9 @@ def load_pretrained(
             "config.pretrained.filter_resize='bicubic' to resize it")
       value = resize_global_filter(
           value, posemb_grid or _grid_of(init, init_value.shape[0]))
+    if value is ckpt[name] or np.array_equal(value, ckpt[name]):
+      report.loaded.append(name)
+    else:
       report.resized[name] = (ckpt[name].shape, value.shape)
     params[name] = value.astype(init_value.dtype, copy=False)
 
