@@ -135,6 +135,36 @@ def get_config() -> ml_collections.ConfigDict:
   config.mixup.prob = 1.0          # Chance that a batch is mixed at all.
   config.mixup.switch_prob = 0.5   # Chance of cutmix (not mixup) when both are on.
 
+  # ------------------------------------------------------------ int8 (quantization.py)
+  # Post-training: python -m vit_jax.tools.quantize (these are its defaults).
+  config.quantization = ml_collections.ConfigDict()
+  config.quantization.qat = False  # Fake-quant int8 in the train step (QAT).
+  config.quantization.rules = '.*'  # Regex over module paths to make int8.
+  config.quantization.head = True   # The classifier too (False: keep it float).
+  # int8 activations: 'dynamic' (per-token scales at run time) | 'static'
+  # (calibrated; the quantize tool) | 'none' (weight-only, float products).
+  config.quantization.activations = 'dynamic'
+  config.quantization.calibration_examples = 512  # 'static': training examples.
+
+  # ------------------------------------------------------------ pruning (pruning.py)
+  # Zeroes weights during training, exactly (docs/compression.md).
+  config.pruning = ml_collections.ConfigDict()
+  # 'none' | 'magnitude' (smallest |w| per param) | 'n_m' (n of every m along a
+  # kernel's input axis) | 'heads' (whole attention heads, lowest L2 norm).
+  config.pruning.method = 'none'
+  config.pruning.sparsity = 0.5    # Final fraction of zeros (magnitude, heads).
+  # Regex over '/'-joined param paths (fully matched) of what is pruned; for
+  # 'heads' the attention modules whose params it selects.
+  config.pruning.rules = r'Transformer/encoderblock(?:_\d+)?/.*/kernel'
+  config.pruning.n = 2             # n_m: keep n of every m weights.
+  config.pruning.m = 4
+  # Cubic ramp (Zhu & Gupta) from 0 at begin_step to sparsity at end_step
+  # (None: 3/4 of total_steps); n_m is on from begin_step. Masks are
+  # recomputed every update_every steps in between.
+  config.pruning.begin_step = 0
+  config.pruning.end_step = FieldReference(None, field_type=int)
+  config.pruning.update_every = 100
+
   # ------------------------------------------------------------ devices (parallel.py)
   # Batches are split over `data`; `model` is the tensor-parallel group size
   # (within one host). docs/launch.md.

@@ -18,6 +18,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import tome
+
 
 def mfu(flops_per_step: float, step_time_s: float, num_devices: int,
         peak_flops_per_device: float) -> float:
@@ -91,8 +93,14 @@ def real_fft2_flops(grid: tuple[int, int]) -> float:
   return 2.5 * n * math.log2(n) if n > 1 else 0.0
 
 
-def block_flops(model: Any, grid: tuple[int, int]) -> float:
+def block_flops(model: Any, grid: tuple[int, int], tokens: int | None = None,
+                merged: int = 0) -> float:
   """Analytic forward FLOPs of one encoder block of `model` for one image.
+
+  Token merging (ToMe): `tokens` is the block's input length where earlier
+  blocks shortened it (default the grid plus the cls token), and `merged`
+  the tokens it merges between attention and MLP: the MLP runs on
+  tokens - merged, plus the matching product (tome.matching_flops).
 
   `model` is a VisionTransformer (or anything with its fields); every token
   mixer is counted: softmax attention, FAVOR+ (feature maps, phi(K)^T V and
@@ -105,12 +113,15 @@ def block_flops(model: Any, grid: tuple[int, int]) -> float:
   hidden, mlp_dim = model.hidden_size, model.mlp_dim
   gh, gw = grid
   prefix = int(model.classifier in ('token', 'token_unpooled'))
-  tokens = gh * gw + prefix
-  mlp = 2.0 * 2 * tokens * hidden * mlp_dim
+  tokens = gh * gw + prefix if tokens is None else tokens
+  mlp = 2.0 * 2 * (tokens - merged) * hidden * mlp_dim
   mixer = getattr(model, 'token_mixer', 'attention')
   if mixer == 'attention':
     if getattr(model, 'attention_impl', 'xla') != 'favor':
-      return vit_block_flops(hidden, mlp_dim, tokens)
+      softmax = (vit_block_flops(hidden, mlp_dim, tokens)
+                 - 2.0 * 2 * tokens * hidden * mlp_dim)
+      return softmax + mlp + tome.matching_flops(
+          tokens, merged, hidden // model.num_heads)
     features = model.favor_features
     width = 2 * features if model.favor_kernel == 'trig' else features
     projections = 2.0 * 4 * tokens * hidden * hidden
@@ -129,14 +140,23 @@ def block_flops(model: Any, grid: tuple[int, int]) -> float:
 def model_forward_flops(model: Any, image_shape: tuple[int, ...]) -> float:
   """Analytic forward FLOPs of one image through a patch-embedding ViT of any
   token mixer (`block_flops` per block, plus patch embedding and head); not
-  for ResNet or conv stems."""
+  for ResNet or conv stems. With `tome_r` each block counts at its own token
+  count (tome.merge_schedule)."""
   if getattr(model, 'resnet', None) is not None or getattr(model, 'conv_stem', ()):
     raise ValueError('model_forward_flops counts plain patch embeddings only')
   ph, pw = model.patch_size
   grid = (image_shape[0] // ph, image_shape[1] // pw)
   embed = 2.0 * grid[0] * grid[1] * ph * pw * image_shape[2] * model.hidden_size
   head = 2.0 * model.hidden_size * (model.num_classes or 0)
-  return embed + model.num_layers * block_flops(model, grid) + head
+  if not getattr(model, 'tome_r', 0):
+    return embed + model.num_layers * block_flops(model, grid) + head
+  prefix = int(model.classifier in ('token', 'token_unpooled'))
+  tokens = grid[0] * grid[1] + prefix
+  blocks = 0.0
+  for merged in tome.merge_schedule(model.tome_r, tokens, prefix, model.num_layers):
+    blocks += block_flops(model, grid, tokens, merged)
+    tokens -= merged
+  return embed + blocks + head
 
 
 def train_step_flops(lowered: Any, model: Any, image_shape: tuple[int, ...],

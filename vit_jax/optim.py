@@ -21,6 +21,7 @@ import optax
 
 from vit_jax import config_checks
 from vit_jax import param_rules
+from vit_jax import pruning
 from vit_jax.config_checks import require
 from vit_jax.param_rules import regex_mask
 from vit_jax.param_rules import scale_by_lr_multipliers
@@ -142,8 +143,10 @@ def make_optimizer(
 
   Chain, in order: global-norm clipping (`grad_clip_norm`, 0 disables) -> the
   optimizer's update direction (`optim.name`) -> weight decay -> scaling by
-  -schedule(step) -> per-parameter lr factors. The trainer logs `learning_rate`
-  as `schedule(step)`, the base rate before the factors.
+  -schedule(step) -> per-parameter lr factors -> pruning (`config.pruning`,
+  vit_jax.pruning: last, after the frozen split too, so that the params after
+  the update are exactly masked). The trainer logs `learning_rate` as
+  `schedule(step)`, the base rate before the factors.
 
   Parameter rules (regexes over '/'-joined paths, see vit_jax.param_rules):
     frozen: matching params get zero updates. They are split off before the
@@ -198,6 +201,8 @@ def make_optimizer(
     # when whole blocks are frozen.
     tx = optax.chain(tx, scale_by_lr_multipliers(config.optim.lr_mults,
                                                  config.optim.layer_decay))
+  if config.get('pruning') and config.pruning.method != 'none':
+    tx = optax.chain(tx, pruning.prune(config.pruning, total_steps))
   return tx, schedule
 
 

@@ -30,6 +30,8 @@ from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import param_rules
+from vit_jax import pruning
+from vit_jax import quantization
 from vit_jax import sharding
 from vit_jax import steps
 from vit_jax.checkpoint import pretrained
@@ -48,6 +50,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   parallel.check_config(config)
   sharding.check_config(config)
   pretrained.check_config(config)
+  quantization.check_config(config)
+  pruning.check_config(config)
 
 
 def _check_run_keys(config: ml_collections.ConfigDict) -> None:
@@ -99,6 +103,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
   what they decide is logged.
   """
   model = models.create_model(config.model, num_classes)
+  if config.quantization.qat:  # Same params; int8 rounding in the products.
+    model = quantization.qat_model(model, config.quantization)
   tx, schedule = optim.make_optimizer(config, total_steps)
   size, channels = config.input.image_size, config.input.channels
   image_shape = (size, size, channels)
@@ -106,6 +112,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
                               config.seed, ema=config.train.ema_decay > 0)
   abstract_state = jax.eval_shape(init_fn)
   param_rules.check_rules_select(config, abstract_state.params)
+  pruning.check_rules_select(config, abstract_state.params)
+  if config.quantization.qat:
+    quantization.check_rules_select(config.quantization, abstract_state.params)
   if config.optim.frozen or config.optim.lr_mults or config.optim.layer_decay != 1:
     logging.info(param_rules.describe_param_rules(config, abstract_state.params))
   # Optimizer state follows its parameter (vit_jax.sharding).

@@ -23,6 +23,7 @@ from vit_jax import config_checks
 from vit_jax import mixup as mixup_lib
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import pruning
 from vit_jax.config_checks import require
 
 Batch = dict[str, jax.Array]
@@ -187,6 +188,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
         ema_params=ema_params, first_nonfinite_step=first_bad,
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
     metrics = {'train_loss': loss, 'grad_norm': grad_norm}
+    pruned = pruning.pruned_fraction(new_state.opt_state)  # None: no pruning.
+    if pruned is not None:
+      metrics['pruned_fraction'] = pruned
     if skip_nonfinite:
       metrics['skipped_steps'] = new_state.nonfinite_steps
     return new_state, metrics

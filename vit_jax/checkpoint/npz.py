@@ -30,6 +30,9 @@ from vit_jax.checkpoint.layouts import flatten_params
 from vit_jax.checkpoint.layouts import unflatten_params
 from vit_jax.checkpoint.layouts import unstack_encoder_blocks
 
+# The metadata entry of an int8 file (vit_jax.checkpoint.quantized).
+QUANTIZED_MARKER = '__vit_jax_quantized__'
+
 
 
 def save_npz(path: str | epath.PathLike, params: Mapping[str, Any]) -> None:
@@ -49,6 +52,12 @@ def save_npz(path: str | epath.PathLike, params: Mapping[str, Any]) -> None:
           for k, v in flatten_params(unstack_encoder_blocks(params)).items()}
   if not flat:
     raise ValueError(f'Refusing to write {path}: params tree has no arrays.')
+  write_arrays(path, flat)
+
+
+def write_arrays(path: str | epath.PathLike, flat: Mapping[str, np.ndarray]) -> None:
+  """`np.savez` of `flat` (no pickling), written under a temporary name and
+  renamed over `path`, so an existing file is never left half-written."""
   path = epath.Path(path)
   tmp = path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex}'
   try:
@@ -86,7 +95,13 @@ def load_npz(path: str | epath.PathLike) -> Params:
     ValueError: `path` is not a readable .npz archive (wrong format, truncated,
       corrupt, pickled objects) or mixes layouts.
   """
-  return unflatten_params(convert_to_released_layout(read_npz(path)))
+  flat = read_npz(path)
+  if QUANTIZED_MARKER in flat:
+    raise ValueError(
+        f'{path} is an int8 model (vit_jax.tools.quantize), not float params: '
+        'pass it to evaluate/predict --checkpoint or benchmark --quantized; '
+        'fine-tuning and export need the float checkpoint it came from.')
+  return unflatten_params(convert_to_released_layout(flat))
 
 
 def read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:

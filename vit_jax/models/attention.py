@@ -56,7 +56,10 @@ class MultiHeadDotProductAttention(nn.Module):
   """Attention of `inputs_q` over `inputs_kv`, both [batch, tokens, hidden].
 
   Attributes:
-    num_heads: number of heads; hidden size must be divisible by it.
+    num_heads: number of heads; hidden size must be divisible by it unless
+      `head_dim` is given.
+    head_dim: width of one head; None: hidden // num_heads. A model whose
+      pruned heads were dropped (vit_jax.pruning) keeps its heads' width.
     dropout_rate: dropout on the attention probabilities (train only).
     dtype: compute dtype; parameters stay float32.
     impl: one of ATTENTION_IMPLS. 'fused' does not sow the attention weights
@@ -65,6 +68,11 @@ class MultiHeadDotProductAttention(nn.Module):
     favor_features: random features per head for impl 'favor'.
     favor_kernel: 'positive' (FAVOR+) or 'trig' (sin/cos) features.
     favor_seed: seed of the features outside training.
+
+  Token merging (vit_jax.models.tome) passes `bias`, added to the logits
+  before the softmax (log token sizes over the keys: proportional attention),
+  and asks for `return_key_mean`: the call then returns (out, keys averaged
+  over heads [batch, kv_tokens, head_dim]), the similarity ToMe matches on.
   """
   num_heads: int
   dropout_rate: float = 0.0
@@ -73,17 +81,21 @@ class MultiHeadDotProductAttention(nn.Module):
   favor_features: int = 256
   favor_kernel: str = 'positive'
   favor_seed: int = 0
+  head_dim: int | None = None
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool, bias: jax.Array | None = None,
+               return_key_mean: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """bias: broadcastable to [batch, heads, q_tokens, kv_tokens] (not FAVOR+)."""
     hidden = inputs_q.shape[-1]
-    if hidden % self.num_heads:
+    if self.head_dim is None and hidden % self.num_heads:
       raise ValueError(
           f'hidden size {hidden} is not divisible by num_heads {self.num_heads}')
     check_attention(self.impl, self.dropout_rate, self.favor_features,
                     self.favor_kernel)
-    head_dim = hidden // self.num_heads
+    head_dim = self.head_dim or hidden // self.num_heads
 
     def projection(name: str) -> nn.DenseGeneral:
       return nn.DenseGeneral(
@@ -95,15 +107,19 @@ class MultiHeadDotProductAttention(nn.Module):
     key = projection('key')(inputs_kv)
     value = projection('value')(inputs_kv)
 
+    key_mean = key.mean(axis=2) if return_key_mean else None
     use_dropout = not deterministic and self.dropout_rate > 0.0
     if self.impl == 'favor':
+      if bias is not None:
+        raise ValueError('FAVOR+ forms no attention logits to add a bias to')
       rng = (self.make_rng('favor') if not deterministic and self.has_rng('favor')
              else jax.random.key(self.favor_seed))
       out = favor.favor_attention(query, key, value, rng=rng,
                                   num_features=self.favor_features,
                                   kernel=self.favor_kernel)
     elif self.impl == 'fused' and not use_dropout:
-      out = jax.nn.dot_product_attention(query, key, value)
+      # Its logits are float32 whatever the inputs: the bias stays float32.
+      out = jax.nn.dot_product_attention(query, key, value, bias=bias)
     else:
       # Heads-major copies first: XLA's CPU dot emitter is several times slower
       # on the batched products when the head axis sits between tokens and
@@ -112,13 +128,17 @@ class MultiHeadDotProductAttention(nn.Module):
       scale = 1.0 / jnp.sqrt(head_dim).astype(self.dtype)
       logits = jnp.einsum('bhqd,bhkd->bhqk', query * scale, key)
       # Softmax in float32: bf16 logits lose too much in the normaliser.
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      logits = logits.astype(jnp.float32)
+      if bias is not None:
+        logits = logits + bias
+      weights = jax.nn.softmax(logits, axis=-1)
       self.sow('intermediates', 'attention_weights', weights)
       weights = weights.astype(self.dtype)
       if use_dropout:
         weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
       out = jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, value), 1, 2)
 
-    return nn.DenseGeneral(
+    out = nn.DenseGeneral(
         features=hidden, axis=(-2, -1), dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), name='out')(out)
+    return (out, key_mean) if return_key_mean else out

@@ -27,8 +27,11 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
+
+from vit_jax.models.layers import matmul
 
 Dtype = Any
 
@@ -51,7 +54,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
                dx:dx + stride * (out_w - 1) + 1:stride, :]
              for dy in range(3) for dx in range(3)]
   patches = jnp.concatenate(columns, axis=-1)  # [b, h', w', 9 * c], (dy, dx, c) order
-  return patches @ kernel.reshape(9 * channels, kernel.shape[-1])
+  return matmul(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
 
 
 def _out_side(size: int, stride: int) -> int:
@@ -69,7 +72,10 @@ class Conv3x3(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (3, 3, x.shape[-1], self.features))
-    return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+    # promote_dtype, not astype: int8 quantization (vit_jax.quantization)
+    # intercepts it, and conv3x3's matmul, to use the int8 kernel.
+    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    return conv3x3(x, kernel, self.stride)
 
 
 class ConvStem(nn.Module):

@@ -1,4 +1,5 @@
-"""Layers every encoder block shares: the transformer MLP and stochastic depth."""
+"""Layers every encoder block shares: the transformer MLP and stochastic depth,
+and the matmul the patch embedding and conv stem compute with."""
 
 from typing import Any
 
@@ -7,6 +8,17 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """[..., k] x [k, n] -> [..., n] as one `lax.dot_general`, as nn.Dense does.
+
+  Not `@` or `jnp.dot`: int8 quantization (vit_jax.quantization, qwix)
+  intercepts `lax.dot_general` to run the product on the int8 kernel, and
+  `jnp.dot` would trace it inside its own jit, where static calibration
+  cannot record its statistics.
+  """
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class MlpBlock(nn.Module):

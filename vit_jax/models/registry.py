@@ -7,7 +7,10 @@ overrides such as `classifier='gap'` or `dtype='bfloat16'`) into a Module.
 ViT configs also carry two compile-time switches that keep the numerics:
 `scan_layers` (encoder blocks as one nn.scan, stacked params) and
 `remat_policy` (one of vit.REMAT_POLICIES); both are validated here, before
-anything is traced.
+anything is traced, as is `tome_r` (token merging, vit_jax.models.tome), whose
+token count `check_image_size` checks. `num_heads` may be one count per
+encoder block, with `head_dim` (a model whose pruned heads were dropped,
+vit_jax.models.head_counts).
 """
 
 import difflib
@@ -18,9 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax.config_checks import ConfigError
+from vit_jax.models import head_counts
 from vit_jax.models.conv_stem import conv_stem_grid
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.resnet import stem_stride
+from vit_jax.models.tome import merge_schedule
 from vit_jax.models.vit import VisionTransformer
 from vit_jax.models.vit import check_mixer
 from vit_jax.models.vit import check_remat_policy
@@ -81,9 +86,10 @@ def _vit_config(name: str, size: str, patch: int, **extra) -> ml_collections.Con
       favor_features=256, favor_kernel='positive', favor_seed=0,
       afno_num_blocks=8, afno_sparsity_threshold=0.01,
       afno_hard_thresholding_fraction=1.0, afno_hidden_size_factor=1,
-      afno_double_skip=True))
+      afno_double_skip=True, tome_r=0))
   # None-valued fields must exist before overrides can set them.
   config.representation_size = None
+  config.head_dim = None  # None: hidden_size // num_heads.
   config.resnet = None
   config.update(extra)
   return config
@@ -150,6 +156,11 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
   return _REGISTRY[name]()
 
 
+# Model fields whose registry value does not give their type: None-valued
+# ints, and num_heads, an int or one count per block (head_counts.py).
+_SECTION_TYPES = {'representation_size': int, 'head_dim': int, 'num_heads': object}
+
+
 def model_section(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The `config.model` section of a training config.
 
@@ -163,7 +174,7 @@ def model_section(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   for key, value in base.items():
     if key in ('name', 'model_type', 'resnet'):
       continue
-    field_type = int if key == 'representation_size' else type(value)
+    field_type = _SECTION_TYPES.get(key, type(value))
     section[key] = ml_collections.FieldReference(None, field_type=field_type)
   unknown = sorted(set(overrides) - set(section))
   if unknown:
@@ -181,14 +192,20 @@ def _resolve(name_or_config: str | ml_collections.ConfigDict,
   else:
     config = ml_collections.ConfigDict(name_or_config)
     if 'model_type' not in config:  # A training config's `model`: name + overrides.
-      base = get_model_config(config.name)
-      base.update({k: v for k, v in config.items()
-                   if k != 'name' and v is not None})
-      config = base
+      overrides = dict({k: v for k, v in config.items()
+                        if k != 'name' and v is not None}, **overrides)
+      config = get_model_config(config.name)
   unknown = sorted(set(overrides) - set(config))
   if unknown:
-    raise ValueError(f'Unknown model override(s) {unknown} for {config.name}; '
-                     f'valid: {sorted(config)}')
+    hint = ''
+    if config.model_type == 'mixer' and 'tome_r' in unknown:
+      hint = (' (an MLP-Mixer cannot merge tokens: its token-mixing MLPs are '
+              'sized to a fixed token count, and there are no attention keys '
+              'to match on; tome_r needs a ViT)')
+    raise ValueError(f'Unknown model override(s) {unknown} for {config.name}'
+                     f'{hint}; valid: {sorted(config)}')
+  if head_counts.is_per_block(overrides.get('num_heads')):
+    del config['num_heads']  # An int in the registry; a tuple replaces it.
   config.update(overrides)
   return config
 
@@ -219,6 +236,8 @@ def create_model(name_or_config: str | ml_collections.ConfigDict,
   check_mixer(config)
   if not isinstance(config.scan_layers, bool):
     raise ValueError(f'scan_layers must be True or False, got {config.scan_layers!r}')
+  if head_counts.is_per_block(kwargs.get('num_heads')):
+    kwargs['num_heads'] = tuple(kwargs['num_heads'])
   if kwargs.get('conv_stem') is not None:
     kwargs['conv_stem'] = tuple(int(w) for w in kwargs['conv_stem'])
   if kwargs['resnet'] is not None:
@@ -241,14 +260,22 @@ def check_image_size(name_or_config: str | ml_collections.ConfigDict,
           f'image size {image_size} becomes a {grid}x{grid} grid after the '
           f'{len(config.conv_stem)}-stage conv_stem of {config.name}, which the '
           f'patch size {ph}x{pw} does not divide')
-    return
-  stride = 1
-  if config.get('resnet') is not None:
-    stride = stem_stride(config.resnet.num_layers)
-  if image_size % (stride * ph) or image_size % (stride * pw):
-    what = f'patch size {ph}x{pw}' + (f' times stem stride {stride}' if stride > 1 else '')
-    raise ValueError(f'image size {image_size} is not divisible by the {what} of '
-                     f'{config.name}; use a multiple of {stride * max(ph, pw)}')
+  else:
+    stride = 1
+    if config.get('resnet') is not None:
+      stride = stem_stride(config.resnet.num_layers)
+    if image_size % (stride * ph) or image_size % (stride * pw):
+      what = f'patch size {ph}x{pw}' + (f' times stem stride {stride}' if stride > 1 else '')
+      raise ValueError(f'image size {image_size} is not divisible by the {what} of '
+                       f'{config.name}; use a multiple of {stride * max(ph, pw)}')
+    grid = image_size // stride
+  if config.get('tome_r'):  # Tokens entering block 0: the grid [+ cls].
+    prefix = int(config.classifier in ('token', 'token_unpooled'))
+    tokens = (grid // ph) * (grid // pw) + prefix
+    try:
+      merge_schedule(config.tome_r, tokens, prefix, config.num_layers)
+    except ValueError as e:
+      raise ValueError(f'{e} ({config.name} at image size {image_size})') from None
 
 
 def check_config(model: ml_collections.ConfigDict, image_size: int) -> None:

@@ -21,6 +21,7 @@ together cut peak memory; scan alone raised it and slowed the step
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,10 +30,14 @@ from vit_jax.models.attention import MultiHeadDotProductAttention
 from vit_jax.models.attention import check_attention
 from vit_jax.models.fourier import FourierBlock
 from vit_jax.models.fourier import check_afno
+from vit_jax.models.heads import MAPHead
 from vit_jax.models.conv_stem import ConvStem
 from vit_jax.models.layers import DropPath
 from vit_jax.models.layers import MlpBlock
+from vit_jax.models.layers import matmul
 from vit_jax.models.resnet import resnet_stem
+from vit_jax.models import head_counts
+from vit_jax.models import tome
 
 Dtype = Any
 
@@ -115,26 +120,36 @@ class Encoder1DBlock(nn.Module):
   favor_kernel: str = 'positive'
   favor_seed: int = 0
   gelu_approximate: bool = True
+  tome_r: int = 0      # Tokens this block merges when given sizes (tome.py),
+  num_prefix: int = 0  # protecting the cls token if there is one.
+  head_dim: int | None = None  # None: hidden // num_heads (head_counts.py).
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool,
-               drop_path_rate: Any = 0.0) -> jax.Array:
-    """inputs: [batch, tokens, hidden] -> same shape."""
+               drop_path_rate: Any = 0.0, size: jax.Array | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """inputs: [batch, tokens, hidden] -> same shape; given sizes [batch, tokens,
+    1] (ToMe), merges tome_r tokens before the MLP and returns (x, size)."""
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(inputs)
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-        dtype=self.dtype, impl=self.attention_impl,
+        dtype=self.dtype, impl=self.attention_impl, head_dim=self.head_dim,
         favor_features=self.favor_features, favor_kernel=self.favor_kernel,
-        favor_seed=self.favor_seed,
-        name='MultiHeadDotProductAttention_1')(x, x, deterministic=deterministic)
+        favor_seed=self.favor_seed, name='MultiHeadDotProductAttention_1')(
+            x, x, deterministic=deterministic, return_key_mean=size is not None,
+            bias=None if size is None else tome.size_bias(size))
+    x, keys = x if size is not None else (x, None)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = DropPath()(x, drop_path_rate, deterministic=deterministic) + inputs
+    if size is not None:
+      x, size = tome.merge_tokens(x, size, keys, self.tome_r, self.num_prefix)
 
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype,
                  self.gelu_approximate, name='MlpBlock_3')(
                      y, deterministic=deterministic)
-    return x + DropPath()(y, drop_path_rate, deterministic=deterministic)
+    x = x + DropPath()(y, drop_path_rate, deterministic=deterministic)
+    return x if size is None else (x, size)
 
 
 class Encoder(nn.Module):
@@ -149,7 +164,8 @@ class Encoder(nn.Module):
   [num_layers, batch, heads, q, k]).
 
   `token_mixer` picks the block (Encoder1DBlock for 'attention', FourierBlock
-  otherwise); `block_options` are the remaining fields of that block.
+  otherwise); `block_options` are the remaining fields of that block. With
+  their `tome_r` > 0 (ToMe, tome.py) it returns (x, size [batch, tokens, 1]).
   """
   num_layers: int
   mlp_dim: int
@@ -164,7 +180,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, grid: tuple[int, int], num_prefix: int,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
     """x: [batch, num_prefix + grid_h * grid_w, hidden] -> same shape."""
     if self.posemb == 'learn':
       x = AddPositionEmbs(name='posembed_input')(x)
@@ -183,6 +199,8 @@ class Encoder(nn.Module):
     block = self._block_class(static_rate=not traced_rates)
     config = dict(self.block_options or {}, mlp_dim=self.mlp_dim,
                   dropout_rate=self.dropout_rate, dtype=self.dtype)
+    tome_r = config.pop('tome_r', 0)
+    size = jnp.ones(x.shape[:2] + (1,), jnp.float32) if tome_r else None
     if self.token_mixer != 'attention':
       config.update(grid=tuple(grid), token_mixer=self.token_mixer)
     if self.scan_layers:
@@ -195,9 +213,17 @@ class Encoder(nn.Module):
       x, _ = scan(block(**config, name='encoderblock'), x,
                   jnp.asarray(rates, jnp.float32))
     else:
-      for i, rate in enumerate(rates):
-        x = block(**config, name=f'encoderblock_{i}')(x, deterministic, rate)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+      merges = tome.merge_schedule(tome_r, x.shape[1], num_prefix, self.num_layers)
+      for i, (rate, r) in enumerate(zip(rates, merges)):
+        tome_fields = dict(tome_r=r, num_prefix=num_prefix) if tome_r else {}
+        layer = block(**head_counts.block_fields(config, i), **tome_fields,
+                      name=f'encoderblock_{i}')
+        if size is None:
+          x = layer(x, deterministic, rate)
+        else:
+          x, size = layer(x, deterministic, rate, size)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+    return x if size is None else (x, size)
 
   def _block_class(self, *, static_rate: bool) -> type[nn.Module]:
     """The mixer's block, wrapped in `nn.remat` with the configured policy."""
@@ -205,33 +231,13 @@ class Encoder(nn.Module):
     block = Encoder1DBlock if self.token_mixer == 'attention' else FourierBlock
     if self.remat_policy == 'none':
       return block
-    # Argument 0 is the module: 1 inputs, 2 deterministic, 3 drop_path_rate.
+    # Argument 0 is the module: 1 inputs, 2 deterministic, 3 drop_path_rate
+    # (4, ToMe's token sizes, is traced).
     return nn.remat(block, policy=policy,
                     static_argnums=(2, 3) if static_rate else (2,),
                     # Inside a scan XLA cannot fold the recomputation back into
                     # the forward pass, so the CSE barrier is only a cost there.
                     prevent_cse=not self.scan_layers)
-
-
-class MAPHead(nn.Module):
-  """Multihead attention pooling: a learned `probe` token attends over all tokens."""
-  num_heads: int
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, tokens, hidden] -> [batch, hidden]."""
-    probe = self.param('probe', nn.initializers.xavier_uniform(),
-                       (1, 1, x.shape[-1]))
-    probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-    x = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
-        name='MultiHeadDotProductAttention_0')(probe, x, deterministic=True)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype,
-                     name='MlpBlock_0')(y, deterministic=True)
-    return x[:, 0]
 
 
 class PatchEmbedding(nn.Module):
@@ -257,9 +263,11 @@ class PatchEmbedding(nn.Module):
     patches = x.reshape(batch, gh, ph, gw, pw, channels)
     patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(
         batch, gh, gw, ph * pw * channels)
+    # promote_dtype, not astype: int8 quantization (vit_jax.quantization)
+    # intercepts it, and the matmul, to use the int8 kernel.
+    patches, kernel, bias = promote_dtype(patches, kernel, bias, dtype=self.dtype)
     kernel = kernel.reshape(ph * pw * channels, self.hidden_size)
-    return (patches.astype(self.dtype) @ kernel.astype(self.dtype)
-            + bias.astype(self.dtype))
+    return matmul(patches, kernel) + bias
 
 
 class VisionTransformer(nn.Module):
@@ -273,7 +281,7 @@ class VisionTransformer(nn.Module):
   patch_size: Sequence[int]
   hidden_size: int
   num_layers: int
-  num_heads: int
+  num_heads: int | tuple[int, ...]  # Or one per block (head_counts.py).
   mlp_dim: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -299,6 +307,8 @@ class VisionTransformer(nn.Module):
   afno_hard_thresholding_fraction: float = 1.0
   afno_hidden_size_factor: int = 1
   afno_double_skip: bool = True
+  tome_r: int = 0                    # ToMe: tokens merged per block (tome.py).
+  head_dim: int | None = None        # None: hidden_size // num_heads.
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -339,13 +349,15 @@ class VisionTransformer(nn.Module):
         remat_policy=self.remat_policy, token_mixer=self.token_mixer,
         block_options=block_options(self), name='Transformer')(x, grid=(gh, gw), num_prefix=num_prefix,
                             deterministic=not train)
+    x, size = x if self.tome_r else (x, None)  # Merged tokens' patch counts.
 
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(x, axis=1) if size is None else tome.weighted_mean(x, size)
     elif self.classifier == 'map':
-      x = MAPHead(self.num_heads, self.mlp_dim, self.dtype, name='MAPHead_0')(x)
+      x = MAPHead(head_counts.pooling_heads(self), self.mlp_dim, self.dtype,
+                  name='MAPHead_0')(x, None if size is None else tome.size_bias(size))
 
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
@@ -361,6 +373,8 @@ def check_mixer(vit: Any) -> None:
   """Raises ValueError for token-mixer settings of a ViT (Module or ConfigDict)
   that cannot build: checked by the registry before anything is traced."""
   check_token_mixer(vit.token_mixer, vit.classifier)
+  tome.check_tome(vit)
+  head_counts.check_heads(vit)
   if vit.token_mixer == 'attention':
     check_attention(vit.attention_impl, vit.attention_dropout_rate,
                     vit.favor_features, vit.favor_kernel)
@@ -375,10 +389,11 @@ def block_options(vit: Any) -> dict[str, Any]:
   options = dict(gelu_approximate=vit.gelu_approximate)
   if vit.token_mixer == 'attention':
     options.update(
-        num_heads=vit.num_heads,
+        num_heads=vit.num_heads, head_dim=getattr(vit, 'head_dim', None),
         attention_dropout_rate=vit.attention_dropout_rate,
         attention_impl=vit.attention_impl, favor_features=vit.favor_features,
-        favor_kernel=vit.favor_kernel, favor_seed=vit.favor_seed)
+        favor_kernel=vit.favor_kernel, favor_seed=vit.favor_seed,
+        tome_r=getattr(vit, 'tome_r', 0))
   elif vit.token_mixer == 'afno':
     options.update({k: getattr(vit, k) for k in (
         'afno_num_blocks', 'afno_sparsity_threshold',

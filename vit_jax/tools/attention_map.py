@@ -27,7 +27,8 @@ MLP-Mixer, GFNet and AFNO models have no attention weights; they are refused
 with a message saying how they mix tokens. A FAVOR+ model never forms its
 attention matrix either: what is drawn for it is the exact softmax attention of
 its own queries and keys (the matrix FAVOR+ estimates), and the figure and the
-output say so.
+output say so. A model with token merging (tome_r > 0) is refused: its later
+layers attend over merged tokens, which no longer form the patch grid.
 """
 
 import dataclasses
@@ -98,6 +99,12 @@ def collect_attention(trained: loading.TrainedModel,
     raise ValueError(
         f'this model mixes tokens with {how[model.token_mixer]} in the frequency '
         'domain: it has no attention weights to draw.')
+  if getattr(model, 'tome_r', 0):
+    raise ValueError(
+        f'this model merges tokens (ToMe, tome_r={model.tome_r}): after block '
+        '0 its attention is over merged tokens, not the patch grid the maps '
+        'draw. Its parameters are a plain ViT\'s: export them '
+        '(vit_jax.tools.export) and draw with --checkpoint and --model.')
   note = ''
   if model.attention_impl == 'favor':
     note = ('FAVOR+ never forms attention weights: drawn is the exact softmax '

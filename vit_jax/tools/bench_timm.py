@@ -56,7 +56,8 @@ def timm_kwargs(fields: ml_collections.ConfigDict, shape: tuple[int, int, int],
   """timm.create_model name and arguments for our model `fields`.
 
   Raises ValueError for what timm's plain ViT cannot mirror (hybrids, Mixer,
-  a Fourier token mixer, FAVOR+ attention, a pre-logits layer, MAP pooling).
+  a Fourier token mixer, FAVOR+ attention, token merging, a pre-logits layer,
+  MAP pooling).
   """
   if fields.model_type != 'vit' or fields.get('resnet') is not None:
     raise ValueError(f'--compare=timm supports plain ViTs, not {fields.name}.')
@@ -69,6 +70,9 @@ def timm_kwargs(fields: ml_collections.ConfigDict, shape: tuple[int, int, int],
     raise ValueError("--compare=timm: timm's VisionTransformer has no FAVOR+ "
                      "attention; compare with attention_impl='xla' (or "
                      "'fused').")
+  if fields.get('tome_r'):
+    raise ValueError('--compare=timm: timm has no token merging; compare with '
+                     'model.tome_r=0.')
   if fields.get('conv_stem'):
     raise ValueError('--compare=timm supports plain ViTs, not a conv_stem '
                      f'{tuple(fields.conv_stem)} (set --config.model.conv_stem=()).')

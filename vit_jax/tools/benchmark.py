@@ -10,6 +10,8 @@
         --config.pp.train_crop=inception
     python -m vit_jax.tools.benchmark --sweep=mixers --sweep_json=mixers.json \\
         --sweep_plot=mixers.png                # bench_mixers.py: token mixers
+    python -m vit_jax.tools.benchmark --model=ViT-S_16 --mode=infer \\
+        --tome_r=0,8,16                        # token merging, interleaved
 
 The train step timed is the trainer's own (steps.make_train_step with the
 --config's optimizer, default configs/quickstart.py = AdamW + clipping, jitted
@@ -27,7 +29,9 @@ median of the per-round ratios, the number to trust. `--pipeline` times
 data.train_iterator for --config (images/s of host batches) interleaved with
 the train step of the same shape; `pipeline_over_step` should be >= 5 so the
 input never starves the step. `--pipeline_jpegs=N` first writes N random JPEGs
-(10 classes) to a temporary image folder and reads that instead.
+(10 classes) to a temporary image folder and reads that instead. `--tome_r`
+sets the model's token merging (ToMe, vit_jax/models/tome.py); several values
+time one model each, interleaved (bench_tome.py: `tome_r=R`, `speedup`).
 
 FLOPs are XLA's cost analysis of the lowered step (global batch); MFU is
 against flops.peak_flops_per_device (datasheet bf16 on GPU/TPU, a measured
@@ -59,6 +63,7 @@ from vit_jax import steps
 from vit_jax.tools import bench_mixers
 from vit_jax.tools import bench_timing
 from vit_jax.tools import bench_timm
+from vit_jax.tools import bench_tome
 from vit_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,6 +110,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                        flag_values=fv)
   flags.DEFINE_string('json', None, 'Also write the results to this file.',
                       flag_values=fv)
+  flags.DEFINE_list('tome_r', '0', 'Token merging: tokens merged per block '
+                    '(model.tome_r); several time a model each, interleaved.',
+                    flag_values=fv)
   # The token-mixer sweep of vit_jax/tools/bench_mixers.py (its docstring).
   flags.DEFINE_enum('sweep', '', ('', 'mixers'), "'mixers': sweep the token "
                     'mixers instead of timing one step; reads --dtype, '
@@ -152,6 +160,7 @@ def check_flags(fv: flags.FlagValues) -> None:
   if fv.pipeline and fv.compare:
     raise ValueError('--pipeline times our input against our step; run '
                      '--compare without it.')
+  bench_tome.parse_flag(fv.tome_r, compare=fv.compare, pipeline=fv.pipeline)
   if fv.pipeline and fv.mode != 'train':
     raise ValueError('--pipeline compares the input with the train step; '
                      'drop --mode=infer.')
@@ -307,9 +316,16 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
     fields = model_fields(model, fv.dtype)
     if fv.compare == 'timm':  # What timm cannot mirror fails before compiling.
       bench_timm.timm_kwargs(fields, shape, num_classes)
+    tome_fields = bench_tome.variants(  # Unset: the model's own tome_r.
+        fields, fv.tome_r if fv['tome_r'].present else None, shape[0])
+    fields = tome_fields.pop('jax')
     jax_run, facts = build_jax_step(config, fields, fv.mode, batch, shape,
                                     num_classes)
     runs = {'jax': jax_run, **runs}
+    tome_facts = {}
+    for name, variant in tome_fields.items():  # Interleaved after ours.
+      runs[name], tome_facts[name] = build_jax_step(
+          config, variant, fv.mode, batch, shape, num_classes)
     jax_run(max(fv.warmup, 1))  # Our peak memory, before torch exists.
     rss = bench_timing.peak_rss_mb()
     if fv.compare == 'timm':
@@ -324,6 +340,7 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
       'mode': fv.mode, 'batch': batch, 'image_size': shape[0],
       'channels': shape[2], 'num_classes': num_classes, 'dtype': fv.dtype,
       'steps': fv.steps, 'repeats': fv.repeats, 'warmup': fv.warmup,
+      'tome_r': fields.get('tome_r', 0),
       'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
       'num_devices': facts['num_devices'], 'cpu': bench_timing.cpu_name(),
       'params': facts['params'], 'compile_s': facts['compile_s'],
@@ -340,6 +357,7 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
     ratios = [t / j for j, t in zip(times['jax'], times['timm'])]
     result['ratio_vs_timm_runs'] = ratios
     result['ratio_vs_timm'] = statistics.median(ratios)
+  result.update(bench_tome.report(times, tome_facts, batch))
   if 'pipeline' in times:
     result.update(bench_timing.summarize(times['pipeline'], batch,
                                          prefix='pipeline_'))
@@ -361,6 +379,7 @@ def format_result(r: dict[str, Any]) -> str:
                  f"{r['timm_step_ms']:.1f} ms/step ({r['torch_threads']} torch "
                  f"threads); ours/timm {r['ratio_vs_timm']:.2f}x (median of "
                  f"{len(r['ratio_vs_timm_runs'])} interleaved rounds)")
+  lines += bench_tome.format_lines(r)
   if 'pipeline_img_per_sec' in r:
     lines.append(f"  input pipeline ({r['pipeline_dataset']}): "
                  f"{r['pipeline_img_per_sec']:.0f} img/s = "

@@ -37,7 +37,8 @@ def define_model_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: '
                        'the latest).', flag_values=fv)
   flags.DEFINE_string('checkpoint', None, 'A released-layout .npz (e.g. from '
-                      'vit_jax.tools.export); needs --model and --image_size.',
+                      'vit_jax.tools.export); needs --model and --image_size. An int8 '
+                      'file of vit_jax.tools.quantize names both itself.',
                       flag_values=fv)
   flags.DEFINE_string('model', None, 'Registered model name of --checkpoint, '
                       'e.g. ViT-B_16.', flag_values=fv)
@@ -60,6 +61,17 @@ def load_model(fv: flags.FlagValues) -> 'loading.TrainedModel':
   if fv.step is not None:
     raise ValueError('--step picks a checkpoint of --workdir; a --checkpoint '
                      'file holds one set of params.')
+  from vit_jax.checkpoint import quantized  # pylint: disable=g-import-not-at-top
+  if quantized.is_quantized(fv.checkpoint):  # It names its model and input.
+    trained = loading.load_quantized(fv.checkpoint,
+                                     class_names_file=fv.class_names)
+    if fv.model and fv.model != trained.model_config.name:
+      raise ValueError(f'{fv.checkpoint} holds {trained.model_config.name}, '
+                       f'not --model={fv.model}')
+    if fv.image_size and fv.image_size != trained.image_size:
+      raise ValueError(f'{fv.checkpoint} takes {trained.image_size} px input, '
+                       f'not --image_size={fv.image_size}')
+    return trained
   if not fv.model or not fv.image_size:
     raise ValueError('--checkpoint needs --model (e.g. ViT-B_16) and '
                      '--image_size (e.g. 384).')

@@ -9,8 +9,10 @@
 
 `--checkpoint` is a train.py workdir (latest or `--step`) or an `.npz` in any
 layout `checkpoint.load_npz` reads, holding a model of the config's
-`model` with a head for the config's dataset. Without `--config` a workdir's
-saved config is used. Config values can be overridden as in train.py
+`model` with a head for the config's dataset (a file whose pruned heads were
+dropped gives its own head counts), or an int8 file of
+vit_jax.tools.quantize (which names its own model). Without `--config` a
+workdir's (or an int8 file's) saved config is used. Config values can be overridden as in train.py
 (`--config.eval.batch_size=512`, `--config.input.data_dir=...`). The numbers come from
 vit_jax.evaluation's `evaluate` and the trainer's eval step: every example of the split counted
 once, over every device. Prints the metrics as JSON.
@@ -31,6 +33,8 @@ from vit_jax import evaluation
 from vit_jax import models
 from vit_jax import parallel
 from vit_jax import steps
+from vit_jax.checkpoint import quantized
+from vit_jax.models import head_counts
 from vit_jax.tools import cli
 from vit_jax.tools import loading
 
@@ -65,13 +69,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval.batch_size, mesh)
   info = data.get_dataset_info(config)  # Fails on a missing dataset or split.
-  model = models.create_model(config.model, info.num_classes)
-  params = loading.load_params_any(checkpoint_path, step)
-  loading.check_params_fit(
-      model, params, (config.input.image_size, config.input.image_size,
-                      config.input.channels),
-      checkpoint_path, hint=f'config model {config.model.name} with '
-      f'{info.num_classes} classes of {config.dataset}')
+  if quantized.is_quantized(checkpoint_path):
+    model, params = _int8_model(checkpoint_path, step, config, info.num_classes)
+  else:
+    params = loading.load_params_any(checkpoint_path, step)
+    model = models.create_model(config.model, info.num_classes,
+                                **head_counts.heads_from_params(params))
+    loading.check_params_fit(
+        model, params, (config.input.image_size, config.input.image_size,
+                        config.input.channels),
+        checkpoint_path, hint=f'config model {config.model.name} with '
+        f'{info.num_classes} classes of {config.dataset}')
   replicated = parallel.replicated(mesh)
   params = jax.device_put(params, replicated)
   eval_step = steps.jit_eval_step(model, num_classes=info.num_classes,
@@ -80,6 +88,23 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
   for split in data.eval_splits(config):
     results.update(evaluation.evaluate(eval_step, params, config, split, mesh))
   return results
+
+
+def _int8_model(path: str, step: int | None, config: ml_collections.ConfigDict,
+                num_classes: int) -> tuple[Any, Any]:
+  """The PTQ model and params of an int8 file (it names its own model),
+  refused if it cannot take the config's input or classes."""
+  if step is not None:
+    raise ValueError(f'--step applies to a workdir; {path} is an int8 file.')
+  trained = loading.load_quantized(path)
+  shape = (config.input.image_size, config.input.channels)
+  if shape != (trained.image_size, trained.channels) or (
+      trained.num_classes != num_classes):
+    raise ValueError(
+        f'{path} takes {trained.image_size} px x {trained.channels} channels '
+        f'into {trained.num_classes} classes; the config gives {shape[0]} px x '
+        f'{shape[1]} channels of {config.dataset} with {num_classes} classes.')
+  return trained.model, trained.params
 
 
 def main(fv: flags.FlagValues, args: list[str]) -> None:

@@ -5,7 +5,9 @@ to print, and the input the model was trained on (image size, channels, eval
 preprocessing). A workdir written by train.py has all of it in its checkpoint's
 `meta` (the run's config as JSON). A released file holds only params, so the
 caller names the registered model and the image size; the number of classes,
-the input channels and a `pre_logits` layer are read off the file's shapes.
+the input channels, a `pre_logits` layer and the heads per block (a file
+whose pruned heads were dropped, vit_jax.models.head_counts) are read off the
+file's shapes.
 
 Images go through `read_image` (any PNG/JPEG/GIF/BMP, grayscale or colour, any
 size) and `TrainedModel.preprocess`, which is the eval pipeline's own
@@ -31,7 +33,9 @@ from vit_jax import config_keys
 from vit_jax import data
 from vit_jax import models
 from vit_jax.checkpoint import layouts
+from vit_jax.models import head_counts
 from vit_jax.checkpoint import orbax_state
+from vit_jax.checkpoint import quantized
 from vit_jax.data import preprocess
 from vit_jax.data.tf_runtime import tf
 
@@ -57,6 +61,10 @@ class TrainedModel:
     channels: input channels (1 or 3).
     pp: the `config.pp` section whose eval settings preprocess inputs.
     source: the workdir or file, for messages.
+    model_config: the model section that rebuilds `model` unrolled
+      (`models.create_model(model_config, num_classes)`).
+    quantization: for an int8 file, its `config.quantization` settings;
+      `params` then hold qwix's int8 arrays (vit_jax.quantization).
   """
   model: nn.Module
   params: Params
@@ -65,6 +73,8 @@ class TrainedModel:
   channels: int
   pp: ml_collections.ConfigDict
   source: str
+  model_config: ml_collections.ConfigDict | None = None
+  quantization: ml_collections.ConfigDict | None = None
 
   @property
   def num_classes(self) -> int:
@@ -86,10 +96,22 @@ def saved_config(workdir: str, step: int | None = None
   A config saved with the earlier flat key names comes back in the current
   layout (vit_jax.config_keys.upgrade).
 
+  An int8 file (vit_jax.tools.quantize) of a workdir's model carries that
+  config too.
+
   Raises:
     FileNotFoundError: no checkpoints under `workdir`.
     ValueError: `step` has no checkpoint, or the checkpoint has no config.
   """
+  if quantized.is_quantized(workdir):
+    if step is not None:
+      raise ValueError(f'step={step} only applies to a workdir; {workdir} is '
+                       'an int8 file.')
+    saved = quantized.read(workdir)[1].get('config')
+    if not saved:
+      raise ValueError(f'{workdir} was quantized from a released file and '
+                       'holds no training config; give --config.')
+    return ml_collections.ConfigDict(config_keys.upgrade(json.loads(saved)))
   meta = orbax_state.load_meta(workdir, step)
   if 'config' not in meta:
     raise ValueError(f'the checkpoint in {workdir} has no saved config; use '
@@ -111,16 +133,18 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
   size, channels = config.input.image_size, config.input.channels
   image_shape = (size, size, channels)
   check_params_fit(model, params, image_shape, workdir)
+  model_config = ml_collections.ConfigDict(config.model)
   if getattr(model, 'scan_layers', False):
     # Scan and remat only speed up training; the tools read per-block names
     # (attention maps: encoderblock_{i}/.../attention_weights).
     model = model.clone(scan_layers=False, remat_policy='none')
     params = layouts.unstack_encoder_blocks(params)
+    model_config.update(scan_layers=False, remat_policy='none')
   return TrainedModel(
       model=model, params=params,
       class_names=_dataset_class_names(config, num_classes),
       image_size=config.input.image_size, channels=config.input.channels,
-      pp=config.pp, source=str(workdir))
+      pp=config.pp, source=str(workdir), model_config=model_config)
 
 
 def _dataset_class_names(config: ml_collections.ConfigDict,
@@ -150,7 +174,8 @@ def load_released(path: str, model_name: str, image_size: int, *,
   Args:
     path: the .npz; any layout `checkpoint.load_npz` reads.
     model_name: the registered variant, e.g. 'ViT-B_16'. Head size, input
-      channels and `pre_logits` (representation_size) come from the file.
+      channels, `pre_logits` (representation_size) and, where pruned heads
+      were dropped, num_heads per block and head_dim come from the file.
     image_size: the resolution the file was trained at (its posemb length).
     class_names_file: one class name per line; default: indices.
   """
@@ -160,6 +185,7 @@ def load_released(path: str, model_name: str, image_size: int, *,
   if 'pre_logits' in params:
     overrides['representation_size'] = int(
         params['pre_logits']['kernel'].shape[-1])
+  overrides.update(head_counts.heads_from_params(params))
   model = models.create_model(model_name, num_classes, **overrides)
   models.check_image_size(model_name, image_size)
   channels = _input_channels(params, path)
@@ -170,7 +196,38 @@ def load_released(path: str, model_name: str, image_size: int, *,
   return TrainedModel(
       model=model, params=params, class_names=names, image_size=image_size,
       channels=channels, pp=ml_collections.ConfigDict(RELEASED_EVAL_PP),
-      source=str(path))
+      source=str(path),
+      model_config=models.model_section(model_name, **overrides))
+
+
+def load_quantized(path: str, *, class_names_file: str | None = None
+                   ) -> TrainedModel:
+  """An int8 file of vit_jax.tools.quantize: the PTQ model and its params.
+
+  The file names its model, input and classes; every array is checked
+  against that model before anything runs (vit_jax.checkpoint.quantized).
+  """
+  # Here: quantization imports qwix, which only int8 models need.
+  from vit_jax import quantization  # pylint: disable=g-import-not-at-top
+  arrays, meta = quantized.read(path)
+  try:
+    model_config = ml_collections.ConfigDict(meta['model'])
+    qcfg = ml_collections.ConfigDict(meta['quantization'])
+    size, channels = int(meta['image_size']), int(meta['channels'])
+    names = tuple(meta['class_names'])
+    pp = ml_collections.ConfigDict(meta['pp'])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{path}: incomplete quantization metadata ({e!r}).') from None
+  model = models.create_model(model_config, len(names))
+  abstract = quantization.abstract_quantized_params(
+      model, qcfg, (size, size, channels))
+  params = quantized.from_arrays(arrays, abstract, str(path))
+  if class_names_file:
+    names = read_class_names(class_names_file, len(names))
+  return TrainedModel(
+      model=quantization.ptq_model(model, qcfg), params=params,
+      class_names=names, image_size=size, channels=channels, pp=pp,
+      source=str(path), model_config=model_config, quantization=qcfg)
 
 
 def load_params_any(path: str, step: int | None = None) -> Params:
