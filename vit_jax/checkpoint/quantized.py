@@ -45,17 +45,8 @@ def _is_int8(leaf: Any) -> bool:
 
 
 def _flat(tree: PyTree) -> dict[str, Any]:
-  """'/'-joined name -> leaf, where a qwix WithAux counts as one leaf."""
-  out = {}
-
-  def walk(prefix: str, node: Any) -> None:
-    if isinstance(node, dict) or hasattr(node, 'items') and not _is_with_aux(node):
-      for key, value in node.items():
-        walk(f'{prefix}/{key}' if prefix else str(key), value)
-    else:
-      out[prefix] = node
-  walk('', tree)
-  return out
+  """'/'-joined name -> leaf; a qwix WithAux is not a dict, so it is one leaf."""
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def is_quantized(path: str | epath.PathLike) -> bool:
@@ -104,10 +95,20 @@ def read(path: str | epath.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
   """(arrays, metadata) of an int8 file; raises ValueError naming the file
   if it is not one or its metadata cannot be read."""
   arrays = npz.read_npz(path)
-  if MARKER not in arrays:
+  return arrays, _metadata(arrays.pop(MARKER, None), path)
+
+
+def read_metadata(path: str | epath.PathLike) -> dict[str, Any]:
+  """The metadata of an int8 file alone: the arrays are not read."""
+  with epath.Path(path).open('rb') as f, np.load(f, allow_pickle=False) as z:
+    raw = z[MARKER] if MARKER in z.files else None
+  return _metadata(raw, path)
+
+
+def _metadata(raw: np.ndarray | None, path: str | epath.PathLike) -> dict[str, Any]:
+  if raw is None:
     raise ValueError(f'{path} is not an int8 model written by '
                      'vit_jax.tools.quantize (no quantization metadata).')
-  raw = arrays.pop(MARKER)
   try:
     if raw.dtype != np.uint8 or raw.ndim != 1:
       raise ValueError(f'metadata is {raw.dtype} {raw.shape}, not uint8 bytes')
@@ -117,7 +118,7 @@ def read(path: str | epath.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
   if meta.get('format') != FORMAT:
     raise ValueError(f'{path}: format {meta.get("format")!r}, this version '
                      f'reads {FORMAT!r}.')
-  return arrays, meta
+  return meta
 
 
 def from_arrays(arrays: dict[str, np.ndarray], abstract: PyTree,

@@ -62,9 +62,8 @@ class TrainedModel:
     pp: the `config.pp` section whose eval settings preprocess inputs.
     source: the workdir or file, for messages.
     model_config: the model section that rebuilds `model` unrolled
-      (`models.create_model(model_config, num_classes)`).
-    quantization: for an int8 file, its `config.quantization` settings;
-      `params` then hold qwix's int8 arrays (vit_jax.quantization).
+      (`models.create_model(model_config, num_classes)`). For an int8 file
+      `model` is its int8 (qwix PTQ) model and `params` hold int8 arrays.
   """
   model: nn.Module
   params: Params
@@ -74,7 +73,6 @@ class TrainedModel:
   pp: ml_collections.ConfigDict
   source: str
   model_config: ml_collections.ConfigDict | None = None
-  quantization: ml_collections.ConfigDict | None = None
 
   @property
   def num_classes(self) -> int:
@@ -107,7 +105,7 @@ def saved_config(workdir: str, step: int | None = None
     if step is not None:
       raise ValueError(f'step={step} only applies to a workdir; {workdir} is '
                        'an int8 file.')
-    saved = quantized.read(workdir)[1].get('config')
+    saved = quantized.read_metadata(workdir).get('config')
     if not saved:
       raise ValueError(f'{workdir} was quantized from a released file and '
                        'holds no training config; give --config.')
@@ -227,7 +225,7 @@ def load_quantized(path: str, *, class_names_file: str | None = None
   return TrainedModel(
       model=quantization.ptq_model(model, qcfg), params=params,
       class_names=names, image_size=size, channels=channels, pp=pp,
-      source=str(path), model_config=model_config, quantization=qcfg)
+      source=str(path), model_config=model_config)
 
 
 def load_params_any(path: str, step: int | None = None) -> Params:
