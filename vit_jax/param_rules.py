@@ -146,7 +146,9 @@ def scale_by_lr_multipliers(lr_mults: Sequence[tuple[str, float]] = (),
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def _compile(key: str, pattern: Any) -> re.Pattern:
+def compile_rule(key: str, pattern: Any) -> re.Pattern:
+  """`pattern` compiled, or a ConfigError naming `config.<key>`: the one
+  syntax check of every regex rule (optimizer, pruning, quantization)."""
   require(isinstance(pattern, str),
           f'config.{key} must be a regex string, got {pattern!r}.')
   try:
@@ -162,13 +164,13 @@ def check_rule_syntax(config: ml_collections.ConfigDict) -> None:
   Which parameters the rules select needs the model: `check_rules_select`.
   """
   for key in ('wd_mask', 'frozen'):
-    _compile(f'optim.{key}', config.optim[key])
+    compile_rule(f'optim.{key}', config.optim[key])
   for i, rule in enumerate(config.optim.lr_mults):
     require(isinstance(rule, (tuple, list)) and len(rule) == 2
             and is_number(rule[1]) and 0 <= rule[1] < math.inf,
             f'config.optim.lr_mults[{i}] must be a (regex, multiplier >= 0) pair, '
             f'got {rule!r}.')
-    _compile(f'optim.lr_mults[{i}]', rule[0])
+    compile_rule(f'optim.lr_mults[{i}]', rule[0])
   decay = config.optim.layer_decay
   require(is_number(decay) and 0 < decay <= 1,
           f'config.optim.layer_decay must be in (0, 1] (1 disables), got {decay!r}.')

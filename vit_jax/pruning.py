@@ -100,10 +100,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           f'config.pruning.sparsity must be in [0, 1), got {p.sparsity}')
   require(isinstance(p.rules, str) and p.rules,
           f'config.pruning.rules must be a non-empty regex, got {p.rules!r}')
-  try:
-    re.compile(p.rules)
-  except re.error as e:
-    raise ConfigError(f'config.pruning.rules {p.rules!r} is not a regex: {e}') from None
+  param_rules.compile_rule('pruning.rules', p.rules)
   config_checks.positive_int(p.n, 'pruning.n')
   config_checks.positive_int(p.m, 'pruning.m')
   require(p.n < p.m, f'config.pruning.n must be < config.pruning.m (keep n of '

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import config_checks
+from vit_jax import param_rules
 from vit_jax.config_checks import ConfigError
 from vit_jax.config_checks import require
 
@@ -92,11 +93,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(isinstance(q.rules, str) and q.rules,
           'config.quantization.rules must be a non-empty regex over module '
           f"paths (e.g. '.*'), got {q.rules!r}")
-  try:
-    re.compile(q.rules)
-  except re.error as e:
-    raise ConfigError(f'config.quantization.rules {q.rules!r} is not a regex: '
-                      f'{e}') from None
+  param_rules.compile_rule('quantization.rules', q.rules)
 
 
 def kernel_modules(params: PyTree) -> list[str]:
