@@ -81,3 +81,19 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def variant_report(times: dict[str, list[float]],
+                   facts: dict[str, dict[str, Any]], batch: int,
+                   baseline: str = 'jax') -> dict[str, dict[str, Any]]:
+  """{name: img/s, step time, speedup over `baseline`, compile time, FLOPs}
+  for each variant timed in the same rounds as `baseline` (`speedup` is the
+  median per-round ratio of the baseline's step time over the variant's)."""
+  out = {}
+  for name, fact in facts.items():
+    out[name] = dict(summarize(times[name], batch))
+    out[name].update(
+        speedup=statistics.median(
+            [b / t for b, t in zip(times[baseline], times[name])]),
+        compile_s=fact['compile_s'], flops_per_step=fact['flops_per_step'])
+  return out

@@ -7,7 +7,6 @@ step time over its own) is not skewed by a shared machine's drift.
 """
 
 import copy
-import statistics
 from typing import Any
 
 import ml_collections
@@ -44,21 +43,6 @@ def variants(fields: ml_collections.ConfigDict, values: list[str] | None,
       models.create_model(variant, 1)
       models.check_image_size(variant, image_size)
     out['jax' if i == 0 else f'tome_r={r}'] = variant
-  return out
-
-
-def report(times: dict[str, list[float]], facts: dict[str, dict[str, Any]],
-           batch: int) -> dict[str, dict[str, Any]]:
-  """{'tome_r=R': img/s, step time, speedup over 'jax', compile time, FLOPs}."""
-  out = {}
-  for name, fact in facts.items():
-    step_s = statistics.median(times[name])
-    out[name] = {
-        'img_per_sec': batch / step_s, 'step_ms': 1e3 * step_s,
-        'img_per_sec_runs': [batch / t for t in times[name]],
-        'speedup': statistics.median(
-            [j / t for j, t in zip(times['jax'], times[name])]),
-        'compile_s': fact['compile_s'], 'flops_per_step': fact['flops_per_step']}
   return out
 
 

@@ -357,7 +357,7 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
     ratios = [t / j for j, t in zip(times['jax'], times['timm'])]
     result['ratio_vs_timm_runs'] = ratios
     result['ratio_vs_timm'] = statistics.median(ratios)
-  result.update(bench_tome.report(times, tome_facts, batch))
+  result.update(bench_timing.variant_report(times, tome_facts, batch))
   if 'pipeline' in times:
     result.update(bench_timing.summarize(times['pipeline'], batch,
                                          prefix='pipeline_'))
