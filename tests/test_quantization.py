@@ -3,6 +3,7 @@ and the tools on the session's tiny digits workdir."""
 
 import functools
 import json
+import os
 import re
 import shutil
 
@@ -216,6 +217,32 @@ def test_evaluate_and_predict_take_the_int8_file(tiny_run, int8_file, tmp_path,
   assert _run(predict, f'--checkpoint={int8_file}', '--model=ViT-B_16',
               str(image)) == 1
   assert 'holds ViT-test_4' in capsys.readouterr().err
+
+
+def test_the_benchmark_times_the_int8_file_against_float(int8_file, tiny_run,
+                                                         tmp_path, capsys):
+  from vit_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'bench.json'
+  assert _run(benchmark, f'--quantized={int8_file}', '--batch=8', '--steps=1',
+              '--repeats=2', '--warmup=1', f'--json={out}') == 0
+  result = json.loads(out.read_text())
+  assert result['mode'] == 'infer' and result['model'] == 'ViT-test_4'
+  assert result['image_size'] == 16 and result['num_classes'] == 10
+  int8 = result['int8']
+  assert len(int8['img_per_sec_runs']) == 2 and int8['speedup'] > 0
+  assert int8['file_bytes'] == os.path.getsize(int8_file)
+  assert int8['float_export_bytes'] == quantized.float_export_bytes(
+      checkpoint.layouts.flatten_params(checkpoint.load_params(tiny_run.workdir)))
+  for args, message in (
+      (['--mode=train'], '--quantized times inference'),
+      (['--model=ViT-B_16'], 'drop --model'),
+      ([], 'is not an int8 file')):
+    target = int8_file if args else str(tmp_path / 'float.npz')
+    if not args:
+      np.savez(target, x=np.zeros(2, np.float32))
+    capsys.readouterr()
+    assert _run(benchmark, f'--quantized={target}', *args) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_a_damaged_int8_file_is_refused_naming_the_array(int8_file, tmp_path):

@@ -7,6 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax.tools import bench_mixers
+from vit_jax.tools import bench_quantized
 from vit_jax.tools import bench_tome
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,6 +52,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                     '(model.tome_r); several time a model each, interleaved.',
                     flag_values=fv)
   # The token-mixer sweep of vit_jax/tools/bench_mixers.py (its docstring).
+  flags.DEFINE_string('quantized', None, 'An int8 file (tools.quantize): time '
+                      'its model in int8 and in float32, interleaved '
+                      '(inference).', flag_values=fv)
   flags.DEFINE_enum('sweep', '', ('', 'mixers'), "'mixers': sweep the token "
                     'mixers instead of timing one step; reads --dtype, '
                     '--num_classes and --config (train optimizer) too.',
@@ -98,6 +102,7 @@ def check_flags(fv: flags.FlagValues) -> None:
     raise ValueError('--pipeline times our input against our step; run '
                      '--compare without it.')
   bench_tome.parse_flag(fv.tome_r, compare=fv.compare, pipeline=fv.pipeline)
+  bench_quantized.check_flags(fv)
   if fv.pipeline and fv.mode != 'train':
     raise ValueError('--pipeline compares the input with the train step; '
                      'drop --mode=infer.')

@@ -32,6 +32,8 @@ input never starves the step. `--pipeline_jpegs=N` first writes N random JPEGs
 (10 classes) to a temporary image folder and reads that instead. `--tome_r`
 sets the model's token merging (ToMe, vit_jax/models/tome.py); several values
 time one model each, interleaved (bench_tome.py: `tome_r=R`, `speedup`).
+`--quantized=F.npz` times an int8 file's model in int8 and in float32,
+interleaved (inference; bench_quantized.py: `int8`, `speedup`, its size).
 
 FLOPs are XLA's cost analysis of the lowered step (global batch); MFU is
 against flops.peak_flops_per_device (datasheet bf16 on GPU/TPU, a measured
@@ -60,6 +62,7 @@ from vit_jax import run_setup
 from vit_jax import steps
 from vit_jax.tools import bench_flags
 from vit_jax.tools import bench_mixers
+from vit_jax.tools import bench_quantized
 from vit_jax.tools import bench_timing
 from vit_jax.tools import bench_timm
 from vit_jax.tools import bench_tome
@@ -221,20 +224,27 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
       batch = fv.batch if fv['batch'].present else config.batch_size
       pipe_run, num_classes, extra = bench_pipeline.build_pipeline(config, batch)
       runs['pipeline'] = pipe_run
-    model, shape, num_classes = resolve_shape(fv, num_classes)
+    if fv.quantized:  # The file names its model, input and classes.
+      model, shape, num_classes = bench_quantized.float_model(fv.quantized)
+    else:
+      model, shape, num_classes = resolve_shape(fv, num_classes)
     fields = model_fields(model, fv.dtype)
     if fv.compare == 'timm':  # What timm cannot mirror fails before compiling.
       bench_timm.timm_kwargs(fields, shape, num_classes)
     tome_fields = bench_tome.variants(  # Unset: the model's own tome_r.
         fields, fv.tome_r if fv['tome_r'].present else None, shape[0])
     fields = tome_fields.pop('jax')
-    jax_run, facts = build_jax_step(config, fields, fv.mode, batch, shape,
+    mode = 'infer' if fv.quantized else fv.mode
+    jax_run, facts = build_jax_step(config, fields, mode, batch, shape,
                                     num_classes)
     runs = {'jax': jax_run, **runs}
-    tome_facts = {}
-    for name, variant in tome_fields.items():  # Interleaved after ours.
-      runs[name], tome_facts[name] = build_jax_step(
-          config, variant, fv.mode, batch, shape, num_classes)
+    variant_facts = {}  # Each timed in the same rounds, after ours.
+    for name, variant in tome_fields.items():
+      runs[name], variant_facts[name] = build_jax_step(
+          config, variant, mode, batch, shape, num_classes)
+    if fv.quantized:
+      runs[bench_quantized.NAME], variant_facts[bench_quantized.NAME] = (
+          bench_quantized.build_int8_step(config, fv.quantized, batch))
     jax_run(max(fv.warmup, 1))  # Our peak memory, before torch exists.
     rss = bench_timing.peak_rss_mb()
     if fv.compare == 'timm':
@@ -245,8 +255,9 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
                                      repeats=fv.repeats, warmup=fv.warmup)
 
   result = {
-      'model': fields.name if fv.model not in FROM_CONFIG else fv.model,
-      'mode': fv.mode, 'batch': batch, 'image_size': shape[0],
+      'model': (fields.name if fv.quantized or fv.model not in FROM_CONFIG
+                else fv.model),
+      'mode': mode, 'batch': batch, 'image_size': shape[0],
       'channels': shape[2], 'num_classes': num_classes, 'dtype': fv.dtype,
       'steps': fv.steps, 'repeats': fv.repeats, 'warmup': fv.warmup,
       'tome_r': fields.get('tome_r', 0),
@@ -266,7 +277,11 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
     ratios = [t / j for j, t in zip(times['jax'], times['timm'])]
     result['ratio_vs_timm_runs'] = ratios
     result['ratio_vs_timm'] = statistics.median(ratios)
-  result.update(bench_timing.variant_report(times, tome_facts, batch))
+  result.update(bench_timing.variant_report(times, variant_facts, batch))
+  if fv.quantized:
+    result[bench_quantized.NAME].update(
+        {k: variant_facts[bench_quantized.NAME][k]
+         for k in ('file_bytes', 'float_export_bytes')}, file=fv.quantized)
   if 'pipeline' in times:
     result.update(bench_timing.summarize(times['pipeline'], batch,
                                          prefix='pipeline_'))
@@ -288,7 +303,7 @@ def format_result(r: dict[str, Any]) -> str:
                  f"{r['timm_step_ms']:.1f} ms/step ({r['torch_threads']} torch "
                  f"threads); ours/timm {r['ratio_vs_timm']:.2f}x (median of "
                  f"{len(r['ratio_vs_timm_runs'])} interleaved rounds)")
-  lines += bench_tome.format_lines(r)
+  lines += bench_tome.format_lines(r) + bench_quantized.format_lines(r)
   if 'pipeline_img_per_sec' in r:
     lines.append(f"  input pipeline ({r['pipeline_dataset']}): "
                  f"{r['pipeline_img_per_sec']:.0f} img/s = "
