@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000
   # Fine-tuning start (vit_jax.checkpoint.load_pretrained): a released / Linen /
   # big_vision .npz, or a workdir of ours (its checkpoints/, or checkpoints/<step>).
-  # The head is always re-initialised for the new classes. '' = from scratch.
+  # The head is re-initialised for the new classes unless pretrained.keep_head.
+  # '' = from scratch.
   config.pretrained_path = ''
 
   # ------------------------------------------------------------ model
@@ -53,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   # None: keep the file's pre_logits if the model has that layer; True: require
   # it; False: a fresh one.
   config.pretrained.keep_pre_logits = FieldReference(None, field_type=bool)
+  # True: keep the file's classifier too (fine-tuning on its own classes, as
+  # QAT and pruning do); the file's head must have the model's shape.
+  config.pretrained.keep_head = False
   config.pretrained.posemb_resize = 'linear'  # 'linear' (reference) | 'bicubic' (timm)
   # GFNet filters of another patch grid: 'bicubic' (official) | 'none' (refuse).
   config.pretrained.filter_resize = 'bicubic'

@@ -342,6 +342,19 @@ def test_load_pretrained_pre_logits_requested_but_absent(tmp_path):
                     keep_pre_logits=True)
 
 
+def test_load_pretrained_keep_head_takes_the_files_classifier(tmp_path):
+  ckpt = vit_flat(seed=1, num_classes=10)
+  save_npz(tmp_path / 'pre.npz', unflatten_params(ckpt))
+  init = unflatten_params(vit_flat(seed=2, num_classes=10))
+  params, report = load_pretrained(tmp_path / 'pre.npz', init, keep_head=True,
+                                   log=lambda _: None)
+  np.testing.assert_array_equal(params['head']['kernel'], ckpt['head/kernel'])
+  assert 'head/kernel' in report.loaded and not report.reinitialised
+  with pytest.raises(ValueError, match='10 classes there, 7 in the model'):
+    load_pretrained(tmp_path / 'pre.npz',
+                    unflatten_params(vit_flat(num_classes=7)), keep_head=True)
+
+
 def test_load_pretrained_lists_missing_and_unexpected(tmp_path):
   save_npz(tmp_path / 'pre.npz', unflatten_params(vit_flat(layers=2)))
   with pytest.raises(ValueError) as err:

@@ -128,7 +128,7 @@ ADDED_SINCE = {
               'favor_seed', 'afno_num_blocks', 'afno_sparsity_threshold',
               'afno_hard_thresholding_fraction', 'afno_hidden_size_factor',
               'afno_double_skip', 'tome_r', 'head_dim'),
-    'pretrained': ('filter_resize',)}
+    'pretrained': ('filter_resize', 'keep_head')}
 # Whole sections that came after it.
 SECTIONS_ADDED_SINCE = ('quantization', 'pruning')
 

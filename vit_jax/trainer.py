@@ -90,6 +90,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           config.pretrained_path,  # Sharded params may span hosts: gather.
           multihost_utils.process_allgather(state.params, tiled=True),
           keep_pre_logits=config.pretrained.keep_pre_logits,
+          keep_head=config.pretrained.keep_head,
           posemb_method=config.pretrained.posemb_resize,
           filter_resize=config.pretrained.filter_resize)
       state = state.replace(params=jax.device_put(params, state_sharding.params))

@@ -91,6 +91,7 @@ def load_pretrained(
     init_params: Mapping[str, Any],
     *,
     keep_pre_logits: bool | None = None,
+    keep_head: bool = False,
     posemb_method: str = 'linear',
     posemb_grid: tuple[int, int] | None = None,
     ckpt_posemb_grid: tuple[int, int] | None = None,
@@ -111,6 +112,9 @@ def load_pretrained(
       model has that layer and the file has it (else the model's fresh one);
       True requires the file to have it; False always uses the fresh one. When
       the model has no `pre_logits`, the file's is left out.
+    keep_head: also take the file's classifier `head` (for fine-tuning on the
+      classes it was trained on: quantization-aware training, pruning); the
+      file must have one of the model's shape. False (default): a fresh head.
     posemb_method: 'linear' (reference) or 'bicubic' (timm); see resize_posemb.
     posemb_grid: the model's patch grid (h, w) when it is not square.
     ckpt_posemb_grid: the checkpoint's patch grid when it is not square.
@@ -155,6 +159,9 @@ def load_pretrained(
   if keep_pre_logits and not file_has_pre_logits:
     raise ValueError(f'keep_pre_logits=True but {path} has no pre_logits.')
   task_modules = set(_TASK_MODULES)
+  if keep_head:
+    _check_head(path, ckpt, init)
+    task_modules.discard('head')
   if (model_has_pre_logits and file_has_pre_logits
       and keep_pre_logits is not False):
     task_modules.discard('pre_logits')
@@ -207,6 +214,22 @@ def load_pretrained(
   log(f'Loaded pre-trained params from {path}: {report.summary()}')
   tree = unflatten_params(params)
   return (stack_encoder_blocks(tree) if scanned else tree), report
+
+
+def _check_head(path, ckpt: Mapping[str, Any], init: Mapping[str, Any]):
+  """keep_head needs the file's head to be the model's: same names, shapes."""
+  heads = lambda tree: {k: np.shape(v) for k, v in tree.items()
+                        if k.startswith('head/')}
+  file_head, model_head = heads(ckpt), heads(init)
+  if not file_head:
+    raise ValueError(f'keep_head=True but {path} has no classifier head.')
+  if file_head != model_head:
+    classes = lambda h: h.get('head/bias', ('?',))[-1]
+    raise ValueError(
+        f'keep_head=True but the head in {path} is not the model\'s: '
+        f'{classes(file_head)} classes there, {classes(model_head)} in the '
+        f'model ({file_head} vs {model_head}); keep_head is for fine-tuning '
+        'on the classes the file was trained on.')
 
 
 def _grid_of(init: Mapping[str, Any], h: int) -> tuple[int, int]:
