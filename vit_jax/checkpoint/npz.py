@@ -55,14 +55,17 @@ def save_npz(path: str | epath.PathLike, params: Mapping[str, Any]) -> None:
   write_arrays(path, flat)
 
 
-def write_arrays(path: str | epath.PathLike, flat: Mapping[str, np.ndarray]) -> None:
-  """`np.savez` of `flat` (no pickling), written under a temporary name and
-  renamed over `path`, so an existing file is never left half-written."""
+def write_arrays(path: str | epath.PathLike, flat: Mapping[str, np.ndarray],
+                 *, compress: bool = False) -> None:
+  """`np.savez` of `flat` (no pickling; `compress`: `np.savez_compressed`),
+  written under a temporary name and renamed over `path`, so an existing file
+  is never left half-written."""
   path = epath.Path(path)
   tmp = path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex}'
   try:
     with tmp.open('wb') as f:
-      np.savez(f, allow_pickle=False, **flat)
+      (np.savez_compressed if compress else np.savez)(
+          f, allow_pickle=False, **flat)
     tmp.replace(path)
   except BaseException:
     try:

@@ -82,12 +82,16 @@ def to_arrays(qparams: PyTree, float_params: PyTree) -> dict[str, np.ndarray]:
 
 def save(path: str | epath.PathLike, qparams: PyTree, float_params: PyTree,
          meta: dict[str, Any]) -> int:
-  """Writes the int8 file atomically; returns its size in bytes."""
+  """Writes the int8 file atomically; returns its size in bytes.
+
+  Deflated: on a small model the per-array npy headers and the metadata weigh
+  as much as a few layers, and they compress well (docs/compression.md).
+  """
   arrays = to_arrays(qparams, float_params)
   import qwix  # pylint: disable=g-import-not-at-top  (the caller has it)
   text = json.dumps(dict(meta, format=FORMAT, qwix=qwix.__version__))
   arrays[MARKER] = np.frombuffer(text.encode('utf-8'), np.uint8)
-  npz.write_arrays(path, arrays)
+  npz.write_arrays(path, arrays, compress=True)
   return epath.Path(path).stat().length
 
 
