@@ -61,6 +61,29 @@ def test_train_step_flops_count_every_scanned_block(name, overrides, accum_steps
   assert flops.step_flops(lowered) < 0.7 * counts[True]  # The raw count misses blocks.
 
 
+def test_forward_flops_count_each_blocks_own_heads():
+  # A model whose pruned heads were dropped: per-block head counts, each
+  # block's attention (q/k/v/out and the two products) as wide as its heads.
+  from vit_jax import models
+  shape = (16, 16, 3)
+  counts, xla = {}, {}
+  for heads in (4, (4, 3, 1, 2)):
+    model = models.create_model('ViT-test_4', 10, num_layers=4, num_heads=heads,
+                                head_dim=16, hidden_size=64)
+    x = jnp.zeros((1,) + shape)
+    variables = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x))
+    lowered = jax.jit(lambda v, m=model: m.apply(v, x, train=False)).lower(variables)
+    counts[heads] = flops.model_forward_flops(model, shape)
+    xla[heads] = flops.step_flops(lowered)
+  # XLA also counts norms, softmax and GELU (the analytic count does not), but
+  # what the dropped heads save is matmuls: 6 of 16 heads of every product.
+  tokens, hidden = 17, 64
+  attention = 4 * (4 * tokens * hidden * hidden + 2 * tokens**2 * hidden)
+  saved = counts[4] - counts[(4, 3, 1, 2)]
+  assert saved == pytest.approx(2 * attention * 6 / 16)
+  assert saved == pytest.approx(xla[4] - xla[(4, 3, 1, 2)], rel=0.05)
+
+
 @pytest.mark.parametrize('name,paper_gmacs', [
     ('GFNet-Ti', 1.3), ('GFNet-XS', 2.8), ('GFNet-S', 4.5), ('GFNet-B', 7.9)])
 def test_gfnet_forward_flops_match_the_paper(name, paper_gmacs):

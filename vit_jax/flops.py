@@ -73,10 +73,13 @@ def vit_forward_flops(hidden: int, depth: int, mlp_dim: int, num_tokens: int,
   return embed + depth * vit_block_flops(hidden, mlp_dim, num_tokens) + head
 
 
-def vit_block_flops(hidden: int, mlp_dim: int, num_tokens: int) -> float:
+def vit_block_flops(hidden: int, mlp_dim: int, num_tokens: int,
+                    attention_width: int | None = None) -> float:
   """Analytic forward FLOPs of one softmax-attention encoder block for one
-  image (matmuls only)."""
-  attention = 4 * num_tokens * hidden * hidden + 2 * num_tokens * num_tokens * hidden
+  image (matmuls only). `attention_width` is heads * head_dim where it is not
+  `hidden` (a block whose pruned heads were dropped)."""
+  width = hidden if attention_width is None else attention_width
+  attention = 4 * num_tokens * hidden * width + 2 * num_tokens * num_tokens * width
   mlp = 2 * num_tokens * hidden * mlp_dim
   return 2.0 * (attention + mlp)
 
@@ -93,14 +96,24 @@ def real_fft2_flops(grid: tuple[int, int]) -> float:
   return 2.5 * n * math.log2(n) if n > 1 else 0.0
 
 
+def heads_of_block(model: Any, layer: int) -> tuple[int, int]:
+  """(heads, head_dim) of encoder block `layer`: `num_heads` is an int or, for
+  a model whose pruned heads were dropped, one count per block."""
+  heads = model.num_heads
+  heads = heads[layer] if isinstance(heads, (tuple, list)) else heads
+  head_dim = getattr(model, 'head_dim', None) or model.hidden_size // heads
+  return heads, head_dim
+
+
 def block_flops(model: Any, grid: tuple[int, int], tokens: int | None = None,
-                merged: int = 0) -> float:
+                merged: int = 0, layer: int = 0) -> float:
   """Analytic forward FLOPs of one encoder block of `model` for one image.
 
   Token merging (ToMe): `tokens` is the block's input length where earlier
   blocks shortened it (default the grid plus the cls token), and `merged`
   the tokens it merges between attention and MLP: the MLP runs on
   tokens - merged, plus the matching product (tome.matching_flops).
+  `layer` picks the block's head count where blocks have their own.
 
   `model` is a VisionTransformer (or anything with its fields); every token
   mixer is counted: softmax attention, FAVOR+ (feature maps, phi(K)^T V and
@@ -118,10 +131,10 @@ def block_flops(model: Any, grid: tuple[int, int], tokens: int | None = None,
   mixer = getattr(model, 'token_mixer', 'attention')
   if mixer == 'attention':
     if getattr(model, 'attention_impl', 'xla') != 'favor':
-      softmax = (vit_block_flops(hidden, mlp_dim, tokens)
+      heads, head_dim = heads_of_block(model, layer)
+      softmax = (vit_block_flops(hidden, mlp_dim, tokens, heads * head_dim)
                  - 2.0 * 2 * tokens * hidden * mlp_dim)
-      return softmax + mlp + tome.matching_flops(
-          tokens, merged, hidden // model.num_heads)
+      return softmax + mlp + tome.matching_flops(tokens, merged, head_dim)
     features = model.favor_features
     width = 2 * features if model.favor_kernel == 'trig' else features
     projections = 2.0 * 4 * tokens * hidden * hidden
@@ -141,20 +154,21 @@ def model_forward_flops(model: Any, image_shape: tuple[int, ...]) -> float:
   """Analytic forward FLOPs of one image through a patch-embedding ViT of any
   token mixer (`block_flops` per block, plus patch embedding and head); not
   for ResNet or conv stems. With `tome_r` each block counts at its own token
-  count (tome.merge_schedule)."""
+  count (tome.merge_schedule), and per-block head counts (dropped pruned
+  heads) count each block's own attention width."""
   if getattr(model, 'resnet', None) is not None or getattr(model, 'conv_stem', ()):
     raise ValueError('model_forward_flops counts plain patch embeddings only')
   ph, pw = model.patch_size
   grid = (image_shape[0] // ph, image_shape[1] // pw)
   embed = 2.0 * grid[0] * grid[1] * ph * pw * image_shape[2] * model.hidden_size
   head = 2.0 * model.hidden_size * (model.num_classes or 0)
-  if not getattr(model, 'tome_r', 0):
-    return embed + model.num_layers * block_flops(model, grid) + head
   prefix = int(model.classifier in ('token', 'token_unpooled'))
   tokens = grid[0] * grid[1] + prefix
+  merges = (tome.merge_schedule(model.tome_r, tokens, prefix, model.num_layers)
+            if getattr(model, 'tome_r', 0) else [0] * model.num_layers)
   blocks = 0.0
-  for merged in tome.merge_schedule(model.tome_r, tokens, prefix, model.num_layers):
-    blocks += block_flops(model, grid, tokens, merged)
+  for layer, merged in enumerate(merges):
+    blocks += block_flops(model, grid, tokens, merged, layer)
     tokens -= merged
   return embed + blocks + head
 
