@@ -6,7 +6,7 @@ The quickstart's 3x3-conv stem leaves only 16 tokens, too few for token
 merging to show its effect; this is a plain ViT on 4x4 patches at 28 px, so
 its encoder sees a 7x7 grid of 49 tokens plus the cls token, with 4 heads per
 block (so that pruning 25% of heads removes one per block) and widths that
-2:4 sparsity divides. 4 blocks, width 64, MLP 128: 210k parameters. AdamW
+2:4 sparsity divides. 4 blocks, width 64, MLP 128: 139k parameters. AdamW
 3e-3, batch 128, 10 epochs, mirror only, data-parallel over two CPU devices.
 
 Fine-tuning from it (quantization-aware training, pruning) starts from its
