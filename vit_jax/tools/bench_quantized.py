@@ -74,29 +74,13 @@ def build_int8_step(config: ml_collections.ConfigDict, path: str, batch: int
   shape = (trained.image_size, trained.image_size, trained.channels)
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
   parallel.check_batch_size(batch, mesh, 1)
-  replicated = parallel.replicated(mesh)
-  rng = np.random.default_rng(0)
-  images = parallel.to_global_batch(
-      {'image': rng.uniform(-1, 1, (batch,) + shape).astype(np.float32)},
-      mesh)['image']
-  params = jax.device_put(trained.params, replicated)
+  data = bench_timing.random_batch(batch, shape, trained.num_classes, mesh)
+  params = jax.device_put(trained.params, parallel.replicated(mesh))
   start = time.perf_counter()
-  forward = jax.jit(
-      lambda p, x: trained.model.apply({'params': p}, x, train=False),
-      in_shardings=(replicated, parallel.batch_sharding(mesh)),
-      out_shardings=replicated)
-  lowered = forward.lower(params, images)
-  compiled = lowered.compile()
+  lowered, run = bench_timing.compile_forward(trained.model, params, data, mesh)
   compile_s = time.perf_counter() - start
   print(f'compiled the int8 infer step in {compile_s:.1f}s', file=sys.stderr,
         flush=True)
-
-  def run(n: int) -> int:
-    out = None
-    for _ in range(n):
-      out = compiled(params, images)
-    jax.block_until_ready(out)
-    return n
 
   float_shapes = jax.eval_shape(lambda: models.create_model(
       trained.model_config, trained.num_classes).init(

@@ -10,11 +10,44 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from vit_jax import flops
+from vit_jax import parallel
 
 # run(n): at least n steps, returns when they have finished, and how many ran.
 Run = Callable[[int], int]
+
+
+def random_batch(batch: int, shape: tuple[int, ...], num_classes: int,
+                 mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """The timed steps' input: uniform images in [-1, 1] and random labels
+  (seeded, so every model of a run sees the same batch), split over `mesh`."""
+  rng = np.random.default_rng(0)
+  local = {'image': rng.uniform(-1, 1, (batch,) + shape).astype(np.float32),
+           'label': rng.integers(0, num_classes, batch).astype(np.int32)}
+  return parallel.to_global_batch(local, mesh)
+
+
+def compile_forward(model: Any, params: Any, data: dict[str, jax.Array],
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Run]:
+  """`model.apply(train=False)` jitted on `mesh` (params replicated, the batch
+  split), lowered and AOT-compiled: (lowered, run(n) of n forwards)."""
+  replicated = parallel.replicated(mesh)
+  forward = lambda p, b: model.apply({'params': p}, b['image'], train=False)
+  lowered = jax.jit(forward, in_shardings=(replicated,
+                                           parallel.batch_sharding(mesh)),
+                    out_shardings=replicated).lower(params, data)
+  compiled = lowered.compile()
+
+  def run(n: int) -> int:
+    out = None
+    for _ in range(n):
+      out = compiled(params, data)
+    jax.block_until_ready(out)
+    return n
+
+  return lowered, run
 
 
 def time_rounds(runs: dict[str, Run], *, steps_per_run: int, repeats: int,

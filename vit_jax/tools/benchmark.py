@@ -53,7 +53,6 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from vit_jax import flops
 from vit_jax import models
@@ -120,14 +119,6 @@ def model_fields(model: Any, dtype: str) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------------
 # Our steps, compiled as the trainer compiles them.
 # --------------------------------------------------------------------------------
-def _random_batch(batch: int, shape: tuple[int, ...], num_classes: int,
-                  mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  rng = np.random.default_rng(0)
-  local = {'image': rng.uniform(-1, 1, (batch,) + shape).astype(np.float32),
-           'label': rng.integers(0, num_classes, batch).astype(np.int32)}
-  return parallel.to_global_batch(local, mesh)
-
-
 def _bench_config(config: ml_collections.ConfigDict, model_fields_: Any,
                   batch: int, shape: tuple[int, int, int]
                   ) -> ml_collections.ConfigDict:
@@ -154,41 +145,31 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
   parallel.check_batch_size(batch, mesh, config.train.accum_steps)
   replicated = parallel.replicated(mesh)
-  data = _random_batch(batch, shape, num_classes, mesh)
+  data = bench_timing.random_batch(batch, shape, num_classes, mesh)
   start = time.perf_counter()
   if mode == 'train':
     parts = run_setup.build(config, mesh, num_classes=num_classes,
                             total_steps=_SCHEDULE_STEPS)
     model = parts.model
-    state = jax.jit(parts.init_fn, out_shardings=parts.state_sharding)()
+    holder = {'state': jax.jit(parts.init_fn, out_shardings=parts.state_sharding)()}
     lowered = steps.jit_train_step(
         config, model, parts.tx, num_classes=num_classes, mesh=mesh,
-        state_sharding=parts.state_sharding).lower(state, data)
+        state_sharding=parts.state_sharding).lower(holder['state'], data)
+    compiled = lowered.compile()
+
+    def run(n: int) -> int:  # The state is donated: keep only the newest.
+      for _ in range(n):
+        holder['state'], _ = compiled(holder['state'], data)
+      jax.block_until_ready(holder['state'])
+      return n
   else:
     model = models.create_model(config.model, num_classes)
     params = jax.jit(lambda: model.init(
         jax.random.key(config.seed), jnp.zeros((1,) + shape), train=False
     )['params'], out_shardings=replicated)()
-    forward = lambda p, b: model.apply({'params': p}, b['image'], train=False)
-    lowered = jax.jit(forward, in_shardings=(replicated,
-                                             parallel.batch_sharding(mesh)),
-                      out_shardings=replicated).lower(params, data)
-  compiled = lowered.compile()
+    lowered, run = bench_timing.compile_forward(model, params, data, mesh)
   compile_s = time.perf_counter() - start
   print(f'compiled our {mode} step in {compile_s:.1f}s', file=sys.stderr, flush=True)
-  holder = {'state': state} if mode == 'train' else {}
-
-  def run(n: int) -> int:
-    if mode == 'train':  # The state is donated: keep only the newest.
-      for _ in range(n):
-        holder['state'], _ = compiled(holder['state'], data)
-      jax.block_until_ready(holder['state'])
-    else:
-      out = None
-      for _ in range(n):
-        out = compiled(params, data)
-      jax.block_until_ready(out)
-    return n
 
   tree = holder['state'].params if mode == 'train' else params
   step_flops = (
