@@ -19,6 +19,7 @@ import re
 import types
 
 from absl import logging
+import numpy as np
 import tensorflow_datasets as tfds
 
 from vit_jax.data.tf_runtime import tf
@@ -170,6 +171,9 @@ class FolderSource:
     paths, labels = self._select(split)
     return tf.data.Dataset.from_tensor_slices(
         {'path': paths, 'label': tf.constant(labels, tf.int32)})
+
+  def labels(self, split):
+    return np.asarray(self._select(split)[1], np.int64)
 
   def lookup(self, split):
     paths, labels = self._select(split)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from absl import logging
+import numpy as np
 import tensorflow_datasets as tfds
 
 from vit_jax.data import digits
@@ -69,6 +70,10 @@ class Source(Protocol):
 
   def decode(self, record: Record) -> Record:
     """`{'image': uint8 [H, W, C], 'label': int32 []}` from a record."""
+
+  def labels(self, split: str) -> np.ndarray:
+    """Every label of a split in `records(split)`'s fixed order, without
+    decoding an image (class counts, checked before anything compiles)."""
 
 
 class TfdsSource:
@@ -143,6 +148,12 @@ class TfdsSource:
     del split
     return None
 
+  def labels(self, split):
+    spec = {self._label_key: tf.io.FixedLenFeature([], tf.int64)}
+    ds = self.records(split).map(lambda r: r['serialized']).batch(4096).map(
+        lambda s: tf.io.parse_example(s, spec)[self._label_key])
+    return np.concatenate([np.zeros(0, np.int64), *ds.as_numpy_iterator()])
+
   def decode(self, record):
     example = self._builder.info.features.deserialize_example(
         record['serialized'],
@@ -194,6 +205,10 @@ class TfdsAsDatasetSource(TfdsSource):
     image_key, label_key = self._image_key, self._label_key
     return self._as_dataset(split).map(
         lambda ex: {'image': ex[image_key], 'label': ex[label_key]})
+
+  def labels(self, split):
+    ds = self.records(split).map(lambda r: r['label']).batch(4096)
+    return np.concatenate([np.zeros(0, np.int64), *ds.as_numpy_iterator()])
 
   def decode(self, record):
     return {'image': self._image_feature.decode_example(record['image']),
