@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrained.posemb_resize = 'linear'  # 'linear' (reference) | 'bicubic' (timm)
   # GFNet filters of another patch grid: 'bicubic' (official) | 'none' (refuse).
   config.pretrained.filter_resize = 'bicubic'
+  # A patch embedding of another patch size (a /16 file, a /8 model): 'pi'
+  # (FlexiViT's pseudo-inverse resize: same tokens) | 'bilinear' | 'none' (refuse).
+  config.pretrained.patch_resize = 'pi'
 
   # ------------------------------------------------------------ input (data/)
   config.input = ml_collections.ConfigDict()
@@ -93,6 +96,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.splits = 'test'      # Comma-separated list; each is evaluated in full.
   config.eval.batch_size = 256
+
+  # ------------------------------------------------------------ few-shot (fewshot.py)
+  # Ridge-regression probes of the pre-logit features during training, logged
+  # as fewshot_<dataset>_<shots>shot (big_vision's few-shot evaluator).
+  config.fewshot = ml_collections.ConfigDict()
+  config.fewshot.datasets = ''     # Comma-separated dataset names (as `dataset`); '' = off.
+  config.fewshot.train_split = 'train'  # Where the shots are drawn from (all of it
+  config.fewshot.test_split = 'test'    # is embedded each time: slice big ones).
+  config.fewshot.shots = (1, 5, 10, 25)  # Examples per class.
+  config.fewshot.seeds = 3         # Draws of the shots per count; the mean is logged.
+  config.fewshot.l2_reg = 2.0**10  # Ridge penalty on standardised features.
+  config.fewshot.every = FieldReference(None, field_type=int)  # Steps; None = eval_every.
 
   # ------------------------------------------------------------ optimizer (optim.py)
   config.optim = ml_collections.ConfigDict()
@@ -190,6 +205,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ------------------------------------------------------------ checkpoints, metrics
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.keep = 3  # >= 2 lets a resume fall back past a damaged latest one.
+  # Also keep the params of the k best evaluated steps by `best_metric` (any
+  # name the evaluations log) in DIR/checkpoints_best/; tools read them with
+  # --step=best (vit_jax/checkpoint/best.py). 0 = off.
+  config.checkpoint.keep_best = 0
+  config.checkpoint.best_metric = 'eval_test_top1'
+  config.checkpoint.best_mode = 'auto'  # 'auto' (a *_loss lower, else higher) | 'max' | 'min'
   config.metrics = ml_collections.ConfigDict()
   # Peak FLOP/s per device behind MFU; None = the known peaks (vit_jax/flops.py).
   config.metrics.peak_flops = FieldReference(None, field_type=float)

@@ -128,9 +128,10 @@ ADDED_SINCE = {
               'favor_seed', 'afno_num_blocks', 'afno_sparsity_threshold',
               'afno_hard_thresholding_fraction', 'afno_hidden_size_factor',
               'afno_double_skip', 'tome_r', 'head_dim'),
-    'pretrained': ('filter_resize', 'keep_head')}
+    'pretrained': ('filter_resize', 'keep_head', 'patch_resize'),
+    'checkpoint': ('keep_best', 'best_metric', 'best_mode')}
 # Whole sections that came after it.
-SECTIONS_ADDED_SINCE = ('quantization', 'pruning')
+SECTIONS_ADDED_SINCE = ('quantization', 'pruning', 'fewshot')
 
 
 def test_an_old_saved_config_comes_back_in_the_current_layout(tmp_path):

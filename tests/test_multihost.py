@@ -88,7 +88,11 @@ def _flags(workdir, data_dir, *extra):
       '--config.batch_size=32', '--config.eval.batch_size=64',
       '--config.eval.splits=test[:64]', f'--config.total_steps={STEPS}',
       '--config.log_every=2', f'--config.eval_every={STEPS}',
-      f'--config.checkpoint_every={STEPS}', '--config.metrics.write_plot=False', *extra)
+      f'--config.checkpoint_every={STEPS}', '--config.metrics.write_plot=False',
+      '--config.fewshot.datasets=digits', '--config.fewshot.shots=(2,5)',
+      '--config.fewshot.seeds=2', '--config.fewshot.test_split=test[:100]',
+      '--config.checkpoint.keep_best=1',
+      '--config.checkpoint.best_metric=fewshot_digits_5shot', *extra)
 
 
 def _start(args, devices, record=None):
@@ -157,6 +161,17 @@ def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path):
   assert jax.tree.structure(want) == jax.tree.structure(got)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+  # The same few-shot probes (features gathered from both processes), and
+  # the best checkpoint written by both.
+  logged = [{k: v for r in metrics.read_metrics(d) for k, v in r.items()
+             if k.startswith('fewshot_')} for d in (single, multi)]
+  assert sorted(logged[0]) == ['fewshot_digits_2shot', 'fewshot_digits_5shot']
+  for name, value in logged[0].items():
+    assert abs(logged[1][name] - value) <= 0.011, (name, logged)  # 1 of 100.
+  for a, b in zip(jax.tree.leaves(checkpoint.load_params(multi, 'best')),
+                  jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)  # Step 4, the only evaluated one.
 
   # Each process read its own half of each global batch: rows [16p, 16p + 16).
   whole = _batches(tmp_path / 'single_batches', 0)

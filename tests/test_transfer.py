@@ -172,7 +172,8 @@ def test_load_pretrained_reads_every_workdir_form(tiny_pretrained, monkeypatch):
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize('model,hint', [
     ({'model.hidden_size': 48}, 'hidden size 32 vs 48'),
-    ({'model.patch_size': (2, 2)}, 'patch size (4, 4) vs (2, 2)'),
+    ({'model.patch_size': (2, 2), 'pretrained.patch_resize': 'none'},
+     'patch size (4, 4) vs (2, 2)'),  # Else resized: test_patch_resize.py.
     ({'model.num_layers': 3}, 'layers 2 vs 3'),
 ])
 def test_another_architecture_lists_the_tensors(tiny_pretrained, tmp_path, model, hint):

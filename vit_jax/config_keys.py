@@ -20,6 +20,7 @@ from vit_jax.config_checks import ConfigError
 RENAMED = {
     'pretrained_keep_pre_logits': 'pretrained.keep_pre_logits',
     'pretrained_posemb_resize': 'pretrained.posemb_resize',
+    'pretrained_patch_resize': 'pretrained.patch_resize',  # The spelling.
     'data_dir': 'input.data_dir',
     'train_split': 'input.train_split',
     'image_size': 'input.image_size',

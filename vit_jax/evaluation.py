@@ -22,6 +22,14 @@ def split_name(split: str) -> str:
   return re.sub(r'[^A-Za-z0-9]+', '_', split.replace('%', 'pct')).strip('_')
 
 
+def metric_names(config: ml_collections.ConfigDict) -> list[str]:
+  """Every name `evaluate` logs for the config's eval splits (and EMA)."""
+  tags = ('', '_ema') if config.train.ema_decay > 0 else ('',)
+  return [f'eval_{split_name(split)}{tag}_{metric}'
+          for split in data.eval_splits(config) for tag in tags
+          for metric in ('top1', 'top5', 'loss')]
+
+
 def evaluate(eval_step: Callable[[Any, Any], Any], params: Any,
              config: ml_collections.ConfigDict, split: str,
              mesh: jax.sharding.Mesh, ema_params: Any = None) -> dict[str, float]:

@@ -25,6 +25,8 @@ import optax
 from vit_jax import config_checks
 from vit_jax import config_keys
 from vit_jax import data
+from vit_jax import evaluation
+from vit_jax import fewshot
 from vit_jax import mixup
 from vit_jax import models
 from vit_jax import optim
@@ -34,6 +36,7 @@ from vit_jax import pruning
 from vit_jax import quantization
 from vit_jax import sharding
 from vit_jax import steps
+from vit_jax.checkpoint import best
 from vit_jax.checkpoint import pretrained
 from vit_jax.config_checks import require
 
@@ -51,6 +54,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   sharding.check_config(config)
   pretrained.check_config(config)
   quantization.check_config(config)
+  fewshot.check_config(config)
+  best.check_config(config, evaluation.metric_names(config)
+                    + fewshot.metric_names(config))
   pruning.check_config(config)
 
 

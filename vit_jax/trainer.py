@@ -18,6 +18,7 @@ import ml_collections
 from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import evaluation
+from vit_jax import fewshot
 from vit_jax import flops
 from vit_jax import metrics
 from vit_jax import parallel
@@ -25,6 +26,7 @@ from vit_jax import preemption
 from vit_jax import run_setup
 from vit_jax import steps
 from vit_jax import workdir as workdir_lib
+from vit_jax.checkpoint import best
 from vit_jax.checkpoint import orbax_state
 
 
@@ -60,6 +62,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   info = data.get_dataset_info(config)
   total_steps = resolve_total_steps(config, info.num_examples[config.input.train_split])
   eval_splits = data.eval_splits(config)
+  fewshot_tasks = fewshot.prepare(config)  # Opens and checks their data.
   is_main = jax.process_index() == 0
   logging.info('Dataset %s: %d classes, splits %s; %d steps of batch %d on %d '
                'devices (%d processes)', info.name, info.num_classes,
@@ -74,6 +77,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # -------------------------------------- resume, or start (scratch/pretrained)
   manager = orbax_state.make_manager(workdir, max_to_keep=config.checkpoint.keep)
+  meta = orbax_state.resume_meta(config)
+  best_kept = None
+  if config.checkpoint.keep_best:  # Reads the scores of the steps it kept.
+    best_kept = best.BestCheckpoints(
+        workdir, keep=config.checkpoint.keep_best,
+        metric=config.checkpoint.best_metric, mode=config.checkpoint.best_mode,
+        meta=meta)
   # The newest checkpoint that restores intact; damaged newer ones are moved
   # aside with a warning, one of another run is refused.
   restored = orbax_state.restore_latest(
@@ -92,7 +102,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           keep_pre_logits=config.pretrained.keep_pre_logits,
           keep_head=config.pretrained.keep_head,
           posemb_method=config.pretrained.posemb_resize,
-          filter_resize=config.pretrained.filter_resize)
+          filter_resize=config.pretrained.filter_resize,
+          patch_resize=config.pretrained.patch_resize)
       state = state.replace(params=jax.device_put(params, state_sharding.params))
       if state.ema_params is not None:  # The average starts at the loaded params.
         state = state.replace(
@@ -108,6 +119,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # The EMA is sharded like the params: the same eval_step serves both.
   eval_step = steps.jit_eval_step(model, num_classes=info.num_classes,
                                   mesh=mesh, params_sharding=state_sharding.params)
+  fewshot_eval = (fewshot.Evaluator(config, fewshot_tasks, mesh,
+                                    state_sharding.params)
+                  if fewshot_tasks else None)
+  fewshot_every = config.fewshot.every or config.eval_every
   batch_sharding = parallel.batch_sharding(mesh)
   batch_spec = {
       'image': jax.ShapeDtypeStruct((config.batch_size,) + run.image_shape,
@@ -132,18 +147,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config, local_batch_size=parallel.local_batch_size(config.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count(),
       start_step=start_step)
-  meta = orbax_state.resume_meta(config)
   final = {}
   preempted_at = None
 
-  def evaluate_all(step: int) -> None:
-    for split in eval_splits:
-      result = evaluation.evaluate(eval_step, state.params, config, split, mesh,
+  def evaluate_all(step: int, *, splits: bool = True,
+                   few_shot: bool = True) -> None:
+    """Evaluates (the eval splits, the few-shot probes), then offers the step
+    to the best checkpoints if its score is among the results."""
+    results = [evaluation.evaluate(eval_step, state.params, config, split, mesh,
                                    ema_params=state.ema_params)
+               for split in (eval_splits if splits else ())]
+    if few_shot and fewshot_eval is not None:
+      results.append(fewshot_eval(state.params))
+    for result in results:
       writer.write(step, result)
       final.update(result)
       logging.info('step %d: %s', step, ', '.join(
           f'{k} {v:.4f}' for k, v in result.items()))
+    scores = {k: v for result in results for k, v in result.items()}
+    if best_kept is not None and best_kept.metric in scores:
+      best_kept.offer(state, scores)
 
   def stop_if_nonfinite() -> None:
     # Before anything computed after a NaN/Inf step is logged, evaluated or
@@ -174,13 +197,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info(metrics.format_progress(
           step, total_steps, scalars, timer.elapsed_s,
           scalars.get('steps_per_sec', 0.0)))
-    if step % config.eval_every == 0 or step == total_steps:
-      stop_if_nonfinite()
-      evaluate_all(step)
-      timer.reset(step)
+    # A due checkpoint is written before the evaluation runs: an error there
+    # loses no training.
     saved = step % config.checkpoint_every == 0 or step == total_steps
     if saved:
       save_checkpoint()
+      timer.reset(step)
+    due_eval = step % config.eval_every == 0 or step == total_steps
+    due_fewshot = fewshot_eval is not None and (
+        step % fewshot_every == 0 or step == total_steps)
+    if due_eval or due_fewshot:
+      stop_if_nonfinite()
+      evaluate_all(step, splits=due_eval, few_shot=due_fewshot)
       timer.reset(step)
     if preempted.reached(step):  # Every step, on every process (same answer).
       if not saved:
@@ -194,6 +222,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     evaluate_all(start_step)
   manager.wait_until_finished()  # A preemption's save is complete before we return.
   manager.close()
+  if best_kept is not None:
+    best_kept.close()
   writer.close()
   if preempted_at is not None:
     logging.warning('Preempted: saved step %d of %d in %s; run the same command '

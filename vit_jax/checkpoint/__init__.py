@@ -9,6 +9,9 @@ Two jobs, kept apart:
   layouts.py     released <-> Linen <-> big_vision names; per-block <-> scanned.
   posemb.py      position-embedding resize to a new patch grid.
   pretrained.py  `load_pretrained`: any of the above as a fine-tuning start.
+  hf.py          Hugging Face ViT directories: write (export), read.
+  timm_layout.py timm ViT state dicts in the released names.
+  safetensors_file.py / torch_layout.py  checked .safetensors I/O; torch axes.
 
 The names users call are importable from here (`vit_jax.checkpoint.save_npz`,
 `load_npz`, `load_pretrained`, `load_params`); everything else from its module.

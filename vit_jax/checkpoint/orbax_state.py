@@ -34,6 +34,7 @@ from vit_jax import config_keys
 from vit_jax.config_checks import ConfigError
 
 CHECKPOINT_DIR = 'checkpoints'
+BEST_DIR = 'checkpoints_best'
 CORRUPT_DIR = 'corrupt_checkpoints'
 # Config values that define the training stream: changing one between a run and
 # its resume would silently produce a different run.
@@ -53,7 +54,8 @@ def checkpoint_dir(path: str) -> epath.Path:
   path = epath.Path(path)
   if '://' not in str(path):
     path = path.absolute()
-  return path if path.name == CHECKPOINT_DIR else path / CHECKPOINT_DIR
+  # checkpoints_best/ (vit_jax.checkpoint.best) is read like checkpoints/.
+  return path if path.name in (CHECKPOINT_DIR, BEST_DIR) else path / CHECKPOINT_DIR
 
 
 # Orbax saves a replicated array "replica-parallel" by default (not on GPUs):
@@ -227,7 +229,7 @@ def _check_layout(where: str, saved: dict[str, str], current: dict[str, str]) ->
       'the model/optimizer settings of the run that wrote it.')
 
 
-def load_params(path: str, step: int | None = None, *,
+def load_params(path: str, step: int | str | None = None, *,
                 ema: bool = False) -> dict[str, Any]:
   """The params tree saved in a workdir (or its checkpoints/ dir), as numpy.
 
@@ -236,7 +238,8 @@ def load_params(path: str, step: int | None = None, *,
 
   Args:
     path: a training workdir or its `checkpoints` directory.
-    step: the step to read; default the latest.
+    step: the step to read; default the latest; 'best' the best-scoring
+      one kept by `config.checkpoint.keep_best`.
     ema: read the EMA of the params (runs with `config.train.ema_decay` > 0) instead.
   Raises:
     ValueError: `ema` and the checkpoint has no EMA params.
@@ -259,7 +262,7 @@ def load_params(path: str, step: int | None = None, *,
   return jax.tree.map(np.asarray, restored[item])
 
 
-def load_meta(path: str, step: int | None = None) -> dict[str, Any]:
+def load_meta(path: str, step: int | str | None = None) -> dict[str, Any]:
   """The `meta` JSON of a workdir's checkpoint (its config under 'config')."""
   _, restored = _restore_read_only(
       path, step, lambda manager, step: {'meta': ocp.args.JsonRestore()})
@@ -267,10 +270,14 @@ def load_meta(path: str, step: int | None = None) -> dict[str, Any]:
 
 
 def _restore_read_only(
-    path: str, step: int | None,
+    path: str, step: int | str | None,
     make_args: Callable[[ocp.CheckpointManager, int], dict[str, Any]]
 ) -> tuple[int, Any]:
-  """(step, items) restored from `step` (default latest) of a workdir."""
+  """(step, items) restored from `step` (default latest; 'best': the best
+  kept by config.checkpoint.keep_best) of a workdir."""
+  if step == 'best':
+    from vit_jax.checkpoint import best  # pylint: disable=g-import-not-at-top
+    path, step = best.best_step(path)
   directory = checkpoint_dir(path)
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoints at {directory}')

@@ -1,11 +1,13 @@
 """Fine-tuning params from a pre-trained checkpoint: `load_pretrained`.
 
 The source is a released / Linen / big_vision `.npz`, one of our workdirs (its
-`checkpoints/`, or one `checkpoints/<step>`), or a params tree already in
-memory. Whatever it is, the same rules turn it into the params of the model to
-fine-tune: the backbone is taken by name, the task head is the model's own
+`checkpoints/`, or one `checkpoints/<step>`), a Hugging Face ViT directory, a
+`.safetensors` file (our names or a timm state dict), or a params tree already
+in memory. Whatever it is, the same rules turn it into the params of the model
+to fine-tune: the backbone is taken by name, the task head is the model's own
 (fresh), `pre_logits` is kept or dropped as asked, and the position embedding
-is resized to the model's patch grid (vit_jax.checkpoint.posemb). Matching
+is resized to the model's patch grid (vit_jax.checkpoint.posemb), the patch
+embedding to the model's patch size (vit_jax.checkpoint.patch_resize). Matching
 happens in the released per-block layout; a scanned model (`scan_layers`) gets
 its blocks stacked back at the end.
 """
@@ -20,8 +22,10 @@ from absl import logging
 from etils import epath
 import numpy as np
 
+from vit_jax.checkpoint import hf
 from vit_jax.checkpoint import npz
 from vit_jax.checkpoint import orbax_state
+from vit_jax.checkpoint import safetensors_file
 from vit_jax.checkpoint.layouts import BLOCK_RE
 from vit_jax.checkpoint.layouts import POSEMB_KEY
 from vit_jax.checkpoint.layouts import Params
@@ -31,6 +35,7 @@ from vit_jax.checkpoint.layouts import is_scanned
 from vit_jax.checkpoint.layouts import stack_encoder_blocks
 from vit_jax.checkpoint.layouts import unflatten_params
 from vit_jax.checkpoint.layouts import unstack_encoder_blocks
+from vit_jax.checkpoint import patch_resize as patch_resizing
 from vit_jax.checkpoint.posemb import METHODS as POSEMB_METHODS
 from vit_jax.checkpoint.posemb import resize_global_filter
 from vit_jax.checkpoint.posemb import resize_posemb
@@ -49,6 +54,9 @@ def check_config(config: Any) -> None:
   require(config.pretrained.filter_resize in FILTER_RESIZE,
           f'config.pretrained.filter_resize {config.pretrained.filter_resize!r} '
           f'not in {FILTER_RESIZE}')
+  require(config.pretrained.patch_resize in patch_resizing.METHODS,
+          f'config.pretrained.patch_resize {config.pretrained.patch_resize!r} '
+          f'not in {patch_resizing.METHODS}')
 
 
 # What load_pretrained does with a GFNet filter trained on another patch grid:
@@ -96,6 +104,7 @@ def load_pretrained(
     posemb_grid: tuple[int, int] | None = None,
     ckpt_posemb_grid: tuple[int, int] | None = None,
     filter_resize: str = 'bicubic',
+    patch_resize: str = 'pi',
     source: str = 'the pre-trained params',
     log: Callable[[str], Any] = logging.info,
 ) -> tuple[Params, LoadReport]:
@@ -103,9 +112,11 @@ def load_pretrained(
 
   Args:
     path: released, Linen or big_vision `.npz` file; a workdir of ours, its
-      `checkpoints/` dir (latest step) or one `checkpoints/<step>`; or an
-      already loaded params tree (nested or flat '/'-joined names in any of
-      those layouts).
+      `checkpoints/` dir (latest step) or one `checkpoints/<step>`; a
+      Hugging Face ViT directory (vit_jax.checkpoint.hf); a `.safetensors`
+      of our released names or a timm ViT state dict
+      (vit_jax.checkpoint.safetensors_file); or an already loaded params
+      tree (nested or flat '/'-joined names in any of those layouts).
     init_params: freshly initialised params of the model to fine-tune (concrete
       arrays: head and re-initialised pre_logits values are taken from here).
     keep_pre_logits: None (default) keeps the checkpoint's `pre_logits` if the
@@ -121,6 +132,10 @@ def load_pretrained(
     filter_resize: 'bicubic' resizes GFNet `complex_weight`s of another grid
       (as the official code does; see resize_global_filter) to `posemb_grid`
       or the grid of the model's position embedding; 'none' refuses.
+    patch_resize: a patch embedding of another patch size (same channels and
+      width): 'pi' (FlexiViT's pseudo-inverse resize, which keeps the tokens),
+      'bilinear' (the kernel resized), or 'none' (refused); see
+      vit_jax.checkpoint.patch_resize. Refused for a model with a stem.
     source: what to call a `path` given as a tree in messages.
     log: receives one line listing what was loaded, resized, re-initialised
       and left out.
@@ -145,9 +160,13 @@ def load_pretrained(
   if isinstance(path, Mapping):
     ckpt = convert_to_released_layout(flatten_params(path))
     path = source
+  elif hf.is_hf_dir(path):
+    ckpt = hf.read_hf_dir(path)
   elif (workdir := _workdir_source(path)) is not None:
     tree = orbax_state.load_params(*workdir)
     ckpt = convert_to_released_layout(flatten_params(tree))
+  elif safetensors_file.is_safetensors(path):
+    ckpt = safetensors_file.read_params(path, like=init)
   else:
     ckpt = convert_to_released_layout(npz.read_npz(path))
 
@@ -181,6 +200,11 @@ def load_pretrained(
       report.reinitialised.append(name)
       continue
     value = ckpt[name]
+    if (name == patch_resizing.EMBEDDING_KEY
+        and patch_resizing.differs_in_patch_size(value, init_value)):
+      value = patch_resizing.load_patch_kernel(
+          value, init_value.shape, method=patch_resize, source=str(path),
+          stem=_stem_of(init))
     grid_given = posemb_grid is not None or ckpt_posemb_grid is not None
     if (name == POSEMB_KEY and value.ndim == 3
         and (value.shape != init_value.shape or grid_given)
@@ -230,6 +254,15 @@ def _check_head(path, ckpt: Mapping[str, Any], init: Mapping[str, Any]):
         f'{classes(file_head)} classes there, {classes(model_head)} in the '
         f'model ({file_head} vs {model_head}); keep_head is for fine-tuning '
         'on the classes the file was trained on.')
+
+
+def _stem_of(init: Mapping[str, Any]) -> str | None:
+  """The stem under the model's patch embedding, if any (hybrid, conv stem)."""
+  if 'conv_root/kernel' in init:
+    return 'ResNet'
+  if any(k.startswith('conv_stem/') for k in init):
+    return 'conv_stem'
+  return None
 
 
 def _grid_of(init: Mapping[str, Any], h: int) -> tuple[int, int]:
@@ -309,6 +342,7 @@ def _workdir_source(path: str | epath.PathLike) -> tuple[str, int | None] | None
       path / orbax_state.CHECKPOINT_DIR).is_dir():
     return str(path), None
   raise FileNotFoundError(
-      f'{path} is a directory without {orbax_state.CHECKPOINT_DIR}/: a '
-      'pre-trained checkpoint is an .npz file, a workdir, its checkpoints/ '
-      'directory or checkpoints/<step>.')
+      f'{path} is a directory without {orbax_state.CHECKPOINT_DIR}/ or '
+      f'{hf.CONFIG_FILE}: a pre-trained checkpoint is an .npz or '
+      '.safetensors file, a workdir, its checkpoints/ directory, '
+      'checkpoints/<step>, or a Hugging Face ViT directory.')

@@ -29,13 +29,33 @@ Define = Callable[[flags.FlagValues, list[str]], None]
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, ImportError)
 
 
+class StepParser(flags.ArgumentParser):
+  """--step: a checkpoint step (an integer >= 0) or 'best' (the best-scoring
+  step kept by config.checkpoint.keep_best)."""
+  syntactic_help = "an integer >= 0 or 'best'"
+
+  def parse(self, argument):
+    if argument in (None, 'best') or isinstance(argument, int):
+      return argument
+    if not str(argument).isdigit():
+      raise ValueError(f"--step must be an integer >= 0 or 'best', got {argument!r}")
+    return int(argument)
+
+  def flag_type(self):
+    return 'step'
+
+
+def define_step_flag(fv: flags.FlagValues, help_text: str) -> None:
+  flags.DEFINE(StepParser(), 'step', None, help_text + " 'best': the best "
+               'kept by config.checkpoint.keep_best.', flag_values=fv)
+
+
 def define_model_flags(fv: flags.FlagValues) -> None:
   """--workdir | --checkpoint (with --model, --image_size, --class_names), --step."""
   flags.DEFINE_string('workdir', None, 'A train.py workdir: model, image size '
                       'and class names come from its saved config.',
                       flag_values=fv)
-  flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: '
-                       'the latest).', flag_values=fv)
+  define_step_flag(fv, 'Checkpoint step of --workdir (default: the latest).')
   flags.DEFINE_string('checkpoint', None, 'A released-layout .npz (e.g. from '
                       'vit_jax.tools.export); needs --model and --image_size. An int8 '
                       'file of vit_jax.tools.quantize names both itself.',

@@ -46,8 +46,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
       sys_argv=argv)
   flags.DEFINE_string('checkpoint', None, 'A workdir or an .npz file.',
                       flag_values=fv)
-  flags.DEFINE_integer('step', None, 'Checkpoint step of a workdir (default: '
-                       'the latest).', flag_values=fv)
+  cli.define_step_flag(fv, 'Checkpoint step of a workdir (default: the '
+                       'latest).')
   flags.DEFINE_string('split', None, "Split(s) to evaluate, comma-separated, "
                       "e.g. 'test' or 'train[:10%],test' (default: the "
                       "config's eval_splits).", flag_values=fv)
@@ -57,7 +57,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str,
                         *, splits: list[str] | None = None,
-                        step: int | None = None) -> dict[str, float]:
+                        step: int | str | None = None) -> dict[str, float]:
   """`eval_<split>_{top1,top5,loss,count}` of the checkpoint on each split."""
   # An old key would otherwise be ignored silently (its section's default used).
   config_keys.check_config(config)
