@@ -197,18 +197,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info(metrics.format_progress(
           step, total_steps, scalars, timer.elapsed_s,
           scalars.get('steps_per_sec', 0.0)))
-    # A due checkpoint is written before the evaluation runs: an error there
-    # loses no training.
-    saved = step % config.checkpoint_every == 0 or step == total_steps
-    if saved:
-      save_checkpoint()
-      timer.reset(step)
     due_eval = step % config.eval_every == 0 or step == total_steps
     due_fewshot = fewshot_eval is not None and (
         step % fewshot_every == 0 or step == total_steps)
     if due_eval or due_fewshot:
       stop_if_nonfinite()
       evaluate_all(step, splits=due_eval, few_shot=due_fewshot)
+      timer.reset(step)
+    saved = step % config.checkpoint_every == 0 or step == total_steps
+    if saved:
+      save_checkpoint()
       timer.reset(step)
     if preempted.reached(step):  # Every step, on every process (same answer).
       if not saved:
