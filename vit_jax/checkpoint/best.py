@@ -21,8 +21,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from vit_jax import config_checks
+from vit_jax.checkpoint import orbax_state
 from vit_jax.checkpoint.orbax_state import BEST_DIR
-from vit_jax.checkpoint.orbax_state import CHECKPOINT_DIR
 from vit_jax.config_checks import require
 
 ITEM_NAMES = ('params', 'ema_params', 'meta')
@@ -58,15 +58,9 @@ def higher_is_better(metric: str, mode: str = 'auto') -> bool:
 
 
 def best_dir(path: str | epath.PathLike) -> epath.Path:
-  """`workdir/checkpoints_best` (absolute), or `path` if it is that directory."""
-  path = epath.Path(path)
-  if '://' not in str(path):
-    path = path.absolute()
-  if path.name == BEST_DIR:
-    return path
-  if path.name == CHECKPOINT_DIR:  # The workdir's train-state directory.
-    path = path.parent
-  return path / BEST_DIR
+  """`workdir/checkpoints_best` (absolute) of a workdir, its checkpoints/ or
+  that directory itself."""
+  return orbax_state.checkpoint_dir(path).parent / BEST_DIR
 
 
 class BestCheckpoints:
@@ -111,8 +105,10 @@ class BestCheckpoints:
     items = {'params': ocp.args.StandardSave(state.params)}
     if getattr(state, 'ema_params', None) is not None:
       items['ema_params'] = ocp.args.StandardSave(state.ema_params)
+    # The digest (as the train checkpoint of this step has it) identifies the
+    # params, e.g. for linear_probe's feature cache.
     meta = dict(self._meta, best_metric=self.metric, best_value=score,
-                best_higher=self._higher)
+                best_higher=self._higher, digest=orbax_state.digest(state))
     self._manager.save(step, metrics={self.metric: score},
                        args=ocp.args.Composite(**items,
                                                meta=ocp.args.JsonSave(meta)))
