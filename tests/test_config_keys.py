@@ -14,7 +14,7 @@ from configs import common
 from vit_jax import config_keys
 from vit_jax import run_setup
 from vit_jax import trainer
-from vit_jax.checkpoint import orbax_state
+from vit_jax.checkpoint import workdir_reader
 from vit_jax.config_checks import ConfigError
 from vit_jax.tools import evaluate
 from vit_jax.tools import loading
@@ -171,5 +171,5 @@ def test_a_workdir_saved_with_old_keys_resumes_and_loads_in_the_tools(
         tiny_config(data_dir, total_steps=10, eval_every=10), str(workdir))
   assert any('at step 8' in r.getMessage() and 'Resumed' in r.getMessage()
              for r in caplog.records)
-  assert orbax_state.load_meta(str(workdir))['train.accum_steps'] == 1
+  assert workdir_reader.load_meta(str(workdir))['train.accum_steps'] == 1
   assert final['eval_test_count'] == 500

@@ -111,7 +111,7 @@ def test_run_logs_fewshot_and_keeps_the_best_steps_across_a_restart(
   assert step == top2[0]
   params = checkpoint.load_params(workdir, 'best')
   assert params.keys() == checkpoint.load_params(workdir).keys()
-  meta = checkpoint.orbax_state.load_meta(workdir, 'best')
+  meta = checkpoint.workdir_reader.load_meta(workdir, 'best')
   assert meta['best_value'] == pytest.approx(scores[top2[0]])
   assert set(meta['digest']) >= {'params', 'train'}  # linear_probe's cache key.
 

@@ -4,7 +4,9 @@ Two jobs, kept apart:
 
   orbax_state.py Orbax train-state checkpoints of a workdir: save, verified
                  restore, resume from the newest intact one (damaged ones are
-                 moved aside), and read-only `load_params` / `load_meta`.
+                 moved aside).
+  workdir_reader.py  read-only `load_params` / `load_meta` of a workdir, for
+                 tools (no train state, never writes).
   npz.py         the released file format: `save_npz`, `load_npz`.
   layouts.py     released <-> Linen <-> big_vision names; per-block <-> scanned.
   posemb.py      position-embedding resize to a new patch grid.
@@ -20,6 +22,6 @@ The names users call are importable from here (`vit_jax.checkpoint.save_npz`,
 from vit_jax.checkpoint.npz import load_npz
 from vit_jax.checkpoint.npz import save_npz
 from vit_jax.checkpoint.pretrained import load_pretrained
-from vit_jax.checkpoint.orbax_state import load_params
+from vit_jax.checkpoint.workdir_reader import load_params
 
 __all__ = ['load_npz', 'load_params', 'load_pretrained', 'save_npz']

@@ -26,6 +26,7 @@ from vit_jax.checkpoint import hf
 from vit_jax.checkpoint import npz
 from vit_jax.checkpoint import orbax_state
 from vit_jax.checkpoint import safetensors_file
+from vit_jax.checkpoint import workdir_reader
 from vit_jax.checkpoint.layouts import BLOCK_RE
 from vit_jax.checkpoint.layouts import POSEMB_KEY
 from vit_jax.checkpoint.layouts import Params
@@ -163,7 +164,7 @@ def load_pretrained(
   elif hf.is_hf_dir(path):
     ckpt = hf.read_hf_dir(path)
   elif (workdir := _workdir_source(path)) is not None:
-    tree = orbax_state.load_params(*workdir)
+    tree = workdir_reader.load_params(*workdir)
     ckpt = convert_to_released_layout(flatten_params(tree))
   elif safetensors_file.is_safetensors(path):
     ckpt = safetensors_file.read_params(path, like=init)

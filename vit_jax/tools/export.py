@@ -56,7 +56,7 @@ from vit_jax import checkpoint
 from vit_jax import pruning
 from vit_jax.checkpoint import hf
 from vit_jax.checkpoint import layouts
-from vit_jax.checkpoint import orbax_state
+from vit_jax.checkpoint import workdir_reader
 from vit_jax.checkpoint import quantized
 from vit_jax.checkpoint import safetensors_file
 from vit_jax.models.vit import posemb_sincos_2d
@@ -141,7 +141,7 @@ def drop_pruned_heads(params: Mapping[str, Any]
 def saved_pruning(workdir: str, step: int | None = None
                   ) -> ml_collections.ConfigDict | None:
   """The run's `config.pruning`, or None (no pruning, or saved before it)."""
-  config = json.loads(orbax_state.load_meta(workdir, step).get('config', '{}'))
+  config = json.loads(workdir_reader.load_meta(workdir, step).get('config', '{}'))
   section = config.get('pruning')
   if not section or section.get('method', 'none') == 'none':
     return None

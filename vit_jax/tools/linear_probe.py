@@ -31,7 +31,7 @@ from configs import common
 from vit_jax import feature_cache
 from vit_jax import fewshot
 from vit_jax import parallel
-from vit_jax.checkpoint import orbax_state
+from vit_jax.checkpoint import workdir_reader
 from vit_jax.checkpoint import quantized
 from vit_jax.tools import cli
 
@@ -85,7 +85,7 @@ def checkpoint_digest(fv: flags.FlagValues) -> str:
   """What identifies the params: a workdir checkpoint's saved digest, or the
   bytes of a --checkpoint file (or directory)."""
   if fv.workdir:
-    meta = orbax_state.load_meta(fv.workdir, fv.step)
+    meta = workdir_reader.load_meta(fv.workdir, fv.step)
     return json.dumps(meta['digest'], sort_keys=True)
   return feature_cache.file_digest(fv.checkpoint)
 

@@ -34,8 +34,8 @@ from vit_jax import data
 from vit_jax import models
 from vit_jax.checkpoint import layouts
 from vit_jax.models import head_counts
-from vit_jax.checkpoint import orbax_state
 from vit_jax.checkpoint import quantized
+from vit_jax.checkpoint import workdir_reader
 from vit_jax.data import preprocess
 from vit_jax.data.tf_runtime import tf
 
@@ -110,7 +110,7 @@ def saved_config(workdir: str, step: int | None = None
       raise ValueError(f'{workdir} was quantized from a released file and '
                        'holds no training config; give --config.')
     return ml_collections.ConfigDict(config_keys.upgrade(json.loads(saved)))
-  meta = orbax_state.load_meta(workdir, step)
+  meta = workdir_reader.load_meta(workdir, step)
   if 'config' not in meta:
     raise ValueError(f'the checkpoint in {workdir} has no saved config; use '
                      '--checkpoint with --model instead.')
