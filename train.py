@@ -6,6 +6,10 @@ error. Running again with the same workdir resumes from its latest checkpoint.
 SIGTERM (a preemption notice) saves after the current step and exits 0; a
 NaN/Inf loss exits 1 naming the step (docs/resume.md).
 
+A refused config, file or input prints one `error: ...` line and exits 1 (a
+malformed command line: 2), before anything compiles where the data allows;
+`--verbose` (or VIT_JAX_VERBOSE=1) adds the traceback (vit_jax/refusals.py).
+
 Multi-process runs on GPU clusters or one machine pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; on TPU pod
 slices and under SLURM JAX finds its peers by itself (pass `--distributed`).
@@ -21,6 +25,8 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
+
+from vit_jax import refusals
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (see configs/).', lock_config=True)
@@ -40,13 +46,16 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise refusals.UsageError(f'unexpected arguments: {argv[1:]}')
+  if refusals.run_refusing(lambda: _train(_CONFIG.value, _WORKDIR.value),
+                           sys.argv):
+    sys.exit(1)
+
+
+def _train(config, workdir: str) -> None:
   # Before anything starts JAX's backends (distributed init included).
   from vit_jax import startup  # pylint: disable=g-import-not-at-top
-  try:
-    startup.prepare_process(_CONFIG.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  startup.prepare_process(config)
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,
@@ -58,28 +67,18 @@ def main(argv):
   logging.info('JAX process %d/%d, %d local / %d global devices',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  from vit_jax import config_checks  # pylint: disable=g-import-not-at-top
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if jax.process_count() > 1:
-      # Leave together, while every process is alive, not in atexit hooks
-      # racing other threads' teardown (seen to abort one process of a pair).
-      multihost_utils.sync_global_devices('vit_jax: training done')
-      jax.distributed.shutdown()
-  except config_checks.ConfigError as e:
-    # What to change, without a traceback: nothing was compiled or written.
-    raise app.UsageError(str(e)) from None
+    trainer.train_and_evaluate(config, workdir)
   except FloatingPointError as e:
     # The message names the step and what to change; checkpoints are intact.
-    logging.error('%s', e)
-    sys.exit(1)
+    raise ValueError(str(e)) from None
+  if jax.process_count() > 1:
+    # Leave together, while every process is alive, not in atexit hooks
+    # racing other threads' teardown (seen to abort one process of a pair).
+    multihost_utils.sync_global_devices('vit_jax: training done')
+    jax.distributed.shutdown()
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  from vit_jax import config_keys  # pylint: disable=g-import-not-at-top
-  try:  # Before absl parses them: it could only say the old key is unknown.
-    config_keys.check_flags(sys.argv)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  app.run(main)
+  app.run(main, flags_parser=refusals.absl_flags_parser)

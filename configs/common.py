@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.cache = True        # Cache decoded examples in memory (small datasets).
   config.input.prefetch = 2
   config.input.skip_bad_images = False  # Image folders: skip unreadable files (warn).
+  # Image folders: refuse (or, skipping bad images, skip) an image whose header
+  # claims more pixels than this, before decoding it (decompression bombs).
+  config.input.max_image_pixels = 64_000_000
   # 'shards' | 'as_dataset' (any TFDS format; what tfds.testing.mock_data needs).
   config.input.tfds_reader = 'shards'
   # Preprocessing (vit_jax/data/preprocess.py).

@@ -129,6 +129,7 @@ ADDED_SINCE = {
               'afno_hard_thresholding_fraction', 'afno_hidden_size_factor',
               'afno_double_skip', 'tome_r', 'head_dim'),
     'pretrained': ('filter_resize', 'keep_head', 'patch_resize'),
+    'input': ('max_image_pixels',),
     'checkpoint': ('keep_best', 'best_metric', 'best_mode')}
 # Whole sections that came after it.
 SECTIONS_ADDED_SINCE = ('quantization', 'pruning', 'fewshot')

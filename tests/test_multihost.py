@@ -109,7 +109,7 @@ def _start(args, devices, record=None):
   return proc
 
 
-def _finish(proc, timeout=300):
+def _finish(proc, timeout=300, want_code=0):
   try:
     proc.wait(timeout=timeout)
   finally:
@@ -117,7 +117,7 @@ def _finish(proc, timeout=300):
       proc.kill()
   proc.log.seek(0)
   err = proc.log.read()
-  assert proc.returncode == 0, err[-3000:]
+  assert proc.returncode == want_code, err[-3000:]
   return err
 
 
@@ -199,3 +199,20 @@ def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path):
   assert checkpoint.load_params(multi)['head']['kernel'].shape == (32, 10)
   assert not np.array_equal(checkpoint.load_params(multi, step=6)['head']['kernel'],
                             got['head']['kernel'])
+
+
+def test_a_refusal_on_one_process_ends_every_process(data_dir, tmp_path):
+  # Only process 1 is given an empty eval split (as if its data differed):
+  # process 0 passes every check and must not wait for it in a collective.
+  port = _free_port()
+  procs = [_start(_flags(tmp_path / 'w', data_dir,
+                         f'--coordinator_address=127.0.0.1:{port}',
+                         '--num_processes=2', f'--process_id={i}',
+                         *(['--config.eval.splits=test[:0]'] if i else [])),
+                  devices=1) for i in range(2)]
+  errs = [_finish(p, timeout=120, want_code=1) for p in procs]
+  assert re.search(r"error: config.eval.splits: split 'test\[:0\]' of "
+                   "'digits' holds no examples", errs[1]), errs[1][-3000:]
+  assert re.search(r"error: process 1 refused the run: config.eval.splits: "
+                   'split', errs[0]), errs[0][-3000:]
+  assert not (tmp_path / 'w').exists() and 'Compiled' not in errs[0]

@@ -164,13 +164,6 @@ def test_train_py_applies_overrides_and_cpu_devices_and_writes_the_workdir(
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
 
 
-def test_train_py_rejects_a_misspelt_key(tmp_path):
-  proc = _run_train_py('--config=configs/quickstart.py', f'--workdir={tmp_path}/w',
-                       '--config.batchsize=64')
-  assert proc.returncode != 0
-  assert 'Did you mean "batch_size"' in proc.stderr
-
-
 def test_train_py_reports_config_errors_without_a_traceback(tmp_path):
   proc = _run_train_py('--config=configs/quickstart.py', f'--workdir={tmp_path}/w',
                        '--config.total_steps=10')

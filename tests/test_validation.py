@@ -6,7 +6,12 @@ compile; the messages are matched on the part that tells the user what to do.
 """
 
 import functools
+import logging
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 from absl import flags
 import jax
@@ -18,8 +23,12 @@ import pytest
 from configs import common
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax import refusals
 from vit_jax import steps
 from vit_jax import trainer
+from vit_jax.tools import cli
+from vit_jax.tools import evaluate
+from vit_jax.tools import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ERRORS = (ValueError, FileNotFoundError)  # config_checks.ConfigError is a ValueError.
@@ -78,6 +87,12 @@ def _file(tmp_path):
 def _garbage(tmp_path):
   path = tmp_path / 'garbage.npz'
   path.write_bytes(b'not a checkpoint')
+  return {'pretrained_path': str(path)}
+
+
+def _pickled(tmp_path):
+  path = tmp_path / 'pickled.npz'
+  np.savez(path, **{'head/kernel': np.array([{'x': 1}], dtype=object)})
   return {'pretrained_path': str(path)}
 
 
@@ -154,6 +169,12 @@ CASES = {
     'missing_eval_split': ({'eval': {'splits': 'validation'}}, None,
                            r"'validation'.*test.*train"),
     'missing_train_split': ({'input': {'train_split': 'extra'}}, None, "'extra'"),
+    'empty_eval_split': ({'eval': {'splits': 'test,test[:0]'}}, None,
+                         r"config.eval.splits: split 'test\[:0\]' of 'digits' "
+                         r'holds no examples \(the splits hold test: 500'),
+    'empty_train_split': ({'input': {'train_split': 'train[90%:90%]'}}, None,
+                          r"config.input.train_split: split 'train\[90%:90%\]'"
+                          ' of .digits. holds no examples'),
     # Workdir.
     'workdir_parent_missing': ({}, lambda p: str(p / 'missing' / 'run'),
                                'parent directory .* does not exist'),
@@ -163,6 +184,7 @@ CASES = {
     'pretrained_missing': ({'pretrained_path': '/no/such/ViT-B_16.npz'}, None,
                            'pretrained_path /no/such/ViT-B_16.npz does not exist'),
     'pretrained_not_npz': (_garbage, None, 'is not an .npz checkpoint'),
+    'pretrained_pickled': (_pickled, None, 'contains pickled objects, refused'),
     'pretrained_other_architecture': (
         lambda p: {'pretrained_path': _npz_of(p, 'wide.npz', hidden_size=48)},
         None,
@@ -183,9 +205,11 @@ def test_bad_input_is_reported_before_compiling(case, data_dir, tmp_path,
     raise AssertionError('the train step was built before the error was found')
 
   monkeypatch.setattr(steps, 'make_train_step', no_train_step)
+  existed = os.path.exists(workdir)
   with pytest.raises(_ERRORS, match=message):
     trainer.train_and_evaluate(_config(data_dir, overrides), workdir)
-  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '0'))
+  # A refused start leaves no workdir it made; one that existed stays.
+  assert os.path.exists(workdir) == existed
 
 
 def _parse_train_py_flags(*args):
@@ -210,3 +234,110 @@ def test_command_line_rejects_unknown_keys_and_wrong_types(arg, message):
     _parse_train_py_flags(arg)
   assert _parse_train_py_flags('--config.batch_size=64').batch_size == 64
 
+
+
+# ------------------------------------------- the entry points' exit path
+
+_QUICK = ('--config.total_steps=4', '--config.schedule.warmup_steps=1',
+          '--config.eval_every=2', '--config.checkpoint_every=2')
+
+
+def _train_py(tmp_path, *args, env=None):
+  """(exit code, stderr) of `python train.py ARGS` on the tiny quickstart."""
+  from tiny import quickstart_on_digits  # pylint: disable=g-import-not-at-top
+  argv = [sys.executable, os.path.join(ROOT, 'train.py'),
+          *quickstart_on_digits(tmp_path / 'tfds', *_QUICK), *args]
+  done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu',
+                                              **(env or {})))
+  return done.returncode, done.stderr
+
+
+def _assert_one_error_line(err, code, want_code, pattern):
+  lines = [l for l in err.splitlines() if 'error:' in l]
+  assert code == want_code, err[-2000:]
+  assert len(lines) == 1 and re.search(pattern, lines[0]), err[-2000:]
+  assert 'Traceback' not in err and 'flags:' not in err, err[-2000:]
+  assert 'Compiled the train step' not in err
+
+
+_EXIT_CASES = {
+    # (args, exit code, message); a workdir that does not exist beforehand.
+    'misspelt_key': (['--config.batch_sise=8'], 1,
+                     r'^error: --config.batch_sise: no such config key; did '
+                     r'you mean "batch_size"\?$'),
+    'missing_config_file': (['--config=configs/nosuch.py'], 1,
+                            r'--config=configs/nosuch.py: no such file'),
+    'config_syntax_error': (['--config={syntax}'], 1,
+                            r'config file .*bad_config.py, line 2: invalid syntax'),
+    'unknown_flag': (['--nosuchflag'], 2, "usage error: Unknown command line "
+                     "flag 'nosuchflag'"),
+    'unknown_dataset': (['--config.dataset=fashon_mnist'], 1,
+                        r"unknown dataset 'fashon_mnist': not a TFDS .* Did "
+                        r"you mean 'fashion_mnist'"),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_EXIT_CASES))
+def test_train_py_refuses_in_one_line(case, tmp_path):
+  args, want_code, pattern = _EXIT_CASES[case]
+  syntax = tmp_path / 'bad_config.py'
+  syntax.write_text('def get_config():\n  return dict(a=)\n')
+  workdir = tmp_path / 'w'
+  code, err = _train_py(tmp_path, f'--workdir={workdir}',
+                        *[a.format(syntax=syntax) for a in args])
+  _assert_one_error_line(err, code, want_code, pattern)
+  assert not workdir.exists()  # No empty workdir left behind.
+
+
+def test_empty_eval_split_refused_before_compiling_workdir_untouched(tmp_path):
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('mine')
+  code, err = _train_py(tmp_path, f'--workdir={workdir}',
+                        '--config.eval.splits=test[:0]')
+  _assert_one_error_line(err, code, 1, r"^error: config.eval.splits: split "
+                         r"'test\[:0\]' of 'digits' holds no examples")
+  assert sorted(os.listdir(workdir)) == ['notes.txt']
+
+
+def test_verbose_brings_the_traceback_back(tmp_path):
+  code, err = _train_py(tmp_path, f'--workdir={tmp_path}/w', '--verbose',
+                        '--config=configs/nosuch.py')
+  assert code == 1 and 'Traceback' in err and 'no such file' in err, err[-2000:]
+  code, err = _train_py(tmp_path, f'--workdir={tmp_path}/w',
+                        '--config=configs/nosuch.py',
+                        env={refusals.VERBOSE_ENV: '1'})
+  assert code == 1 and 'Traceback' in err, err[-2000:]
+
+
+def test_export_to_a_missing_folder_names_the_folder(tiny_run, tmp_path):
+  out = tmp_path / 'no' / 'such' / 'model.npz'
+  code = cli.run(export.define_flags, export.main, [
+      'export', f'--workdir={tiny_run.workdir}', f'--out={out}'])
+  assert code == 1 and not out.parent.exists()
+
+
+def test_evaluate_tool_refuses_an_empty_split(tiny_run, capsys):
+  code = cli.run(evaluate.define_flags, evaluate.main, [
+      'evaluate', f'--checkpoint={tiny_run.workdir}', '--split=test[:0]'])
+  err = capsys.readouterr().err
+  assert code == 1 and re.search(
+      r"^error: config.eval.splits: split 'test\[:0\]' of 'digits' holds no "
+      'examples', err), err
+
+
+def test_resuming_with_another_total_steps_says_what_happens(tiny_run, tmp_path,
+                                                             caplog):
+  from tiny import tiny_config  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'w'
+  shutil.copytree(tiny_run.workdir, workdir)
+  config = tiny_config(tiny_run.data_dir, total_steps=10, eval_every=5,
+                       checkpoint_every=5, log_every=5)  # Cadence may change.
+  with caplog.at_level(logging.WARNING):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert re.search(r'resuming at step 8 with total_steps 10; the checkpoint '
+                   r'was written by a run of total_steps 8: the learning-rate '
+                   r'schedule is recomputed for 10 steps .* steps 9..10 follow',
+                   caplog.text), caplog.text
+  assert max(int(s) for s in os.listdir(workdir / 'checkpoints')) == 10

@@ -48,6 +48,12 @@ def evaluate(eval_step: Callable[[Any, Any], Any], params: Any,
     for tag, tree in tagged.items():
       out = eval_step(tree, batch)
       sums[tag] = out if sums[tag] is None else jax.tree.map(jnp.add, sums[tag], out)
+  if sums[''] is None or float(sums['']['count']) == 0:
+    # get_dataset_info refuses an empty split before anything compiles; this
+    # is the split that read nothing anyway (e.g. files removed since).
+    raise ValueError(f'evaluation of split {split!r} of {config.dataset!r} '
+                     'counted no examples; check config.eval.splits and the '
+                     'data under config.input.data_dir')
   results = {}
   for tag, tag_sums in jax.device_get(sums).items():
     count = float(tag_sums['count'])

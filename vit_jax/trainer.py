@@ -23,6 +23,7 @@ from vit_jax import flops
 from vit_jax import metrics
 from vit_jax import parallel
 from vit_jax import preemption
+from vit_jax import refusals
 from vit_jax import run_setup
 from vit_jax import steps
 from vit_jax import workdir as workdir_lib
@@ -46,7 +47,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   resumes exactly there. A NaN/Inf loss or gradient norm raises
   FloatingPointError unless `config.train.nan_policy` is 'skip_step'.
   """
-  with preemption.PreemptionWatch() as preempted:
+  # A start refused before anything was written leaves no empty workdir.
+  with (preemption.PreemptionWatch() as preempted,
+        workdir_lib.removed_if_unused(workdir)):
     return _train_and_evaluate(config, workdir, preempted)
 
 
@@ -54,30 +57,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preempted: preemption.PreemptionWatch) -> dict[str, float]:
   # ----------------------------------------------------------------- checks
   # Everything here is cheap: a bad config fails in seconds, not after a compile.
-  run_setup.check_config(config)
-  workdir = workdir_lib.prepare_workdir(workdir)
-  mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
-  parallel.check_batch_size(config.batch_size, mesh, config.train.accum_steps)
-  parallel.check_batch_size(config.eval.batch_size, mesh)
-  info = data.get_dataset_info(config)
-  total_steps = resolve_total_steps(config, info.num_examples[config.input.train_split])
-  eval_splits = data.eval_splits(config)
-  fewshot_tasks = fewshot.prepare(config)  # Opens and checks their data.
+  # A refusal on one process is one on all, before their first collective.
+  with refusals.agreed_by_all_processes():
+    run_setup.check_config(config)
+    workdir = workdir_lib.prepare_workdir(workdir)
+    mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
+    parallel.check_batch_size(config.batch_size, mesh, config.train.accum_steps)
+    parallel.check_batch_size(config.eval.batch_size, mesh)
+    info = data.get_dataset_info(config)  # Refuses empty splits too.
+    total_steps = resolve_total_steps(
+        config, info.num_examples[config.input.train_split])
+    eval_splits = data.eval_splits(config)
+    fewshot_tasks = fewshot.prepare(config)  # Opens and checks their data.
+    logging.info('Dataset %s: %d classes, splits %s; %d steps of batch %d on %d '
+                 'devices (%d processes)', info.name, info.num_classes,
+                 info.num_examples, total_steps, config.batch_size,
+                 mesh.devices.size, jax.process_count())
+    # Model and optimizer; also checks the parameter and sharding rules
+    # against the model's names.
+    run = run_setup.build(config, mesh, num_classes=info.num_classes,
+                          total_steps=total_steps)
   is_main = jax.process_index() == 0
-  logging.info('Dataset %s: %d classes, splits %s; %d steps of batch %d on %d '
-               'devices (%d processes)', info.name, info.num_classes,
-               info.num_examples, total_steps, config.batch_size,
-               mesh.devices.size, jax.process_count())
-
-  # ------------------------------------------------------ model and optimizer
-  # Also checks the parameter and sharding rules against the model's names.
-  run = run_setup.build(config, mesh, num_classes=info.num_classes,
-                        total_steps=total_steps)
   model, state_sharding = run.model, run.state_sharding
 
   # -------------------------------------- resume, or start (scratch/pretrained)
   manager = orbax_state.make_manager(workdir, max_to_keep=config.checkpoint.keep)
   meta = orbax_state.resume_meta(config)
+  meta['total_steps'] = total_steps  # Resolved (total_epochs included).
   best_kept = None
   if config.checkpoint.keep_best:  # Reads the scores of the steps it kept.
     best_kept = best.BestCheckpoints(
@@ -90,9 +96,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       manager, run.abstract_state, workdir=workdir,
       check_meta=lambda meta: orbax_state.check_resume_meta(meta, config))
   if restored is not None:
-    state, _ = restored
+    state, saved_meta = restored
     logging.info('Resumed from %s at step %d', manager.directory,
                  int(state.step))
+    changed = orbax_state.duration_change(saved_meta, total_steps,
+                                          int(jax.device_get(state.step)))
+    if changed:
+      logging.warning('%s', changed)
   else:
     state = jax.jit(run.init_fn, out_shardings=state_sharding)()
     if config.pretrained_path:
@@ -181,38 +191,44 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     stop_if_nonfinite()
     orbax_state.save(manager, state, meta)
 
-  for step in range(start_step + 1, total_steps + 1):
-    batch = parallel.to_global_batch(next(train_iter), mesh)
-    state, step_metrics = train_step(state, batch)
+  try:  # A save in flight is finished, not lost, whatever ends the loop.
+    for step in range(start_step + 1, total_steps + 1):
+      batch = parallel.to_global_batch(next(train_iter), mesh)
+      state, step_metrics = train_step(state, batch)
 
-    if step == start_step + 1:
-      jax.block_until_ready(state)
-      timer.reset(step)  # Throughput excludes the first (compile-bound) step.
-    if step % config.log_every == 0 or step == total_steps:
-      stop_if_nonfinite()
-      scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      scalars['learning_rate'] = float(run.schedule(step - 1))
-      scalars.update(timer.lap(step))
-      writer.write(step, scalars)
-      logging.info(metrics.format_progress(
-          step, total_steps, scalars, timer.elapsed_s,
-          scalars.get('steps_per_sec', 0.0)))
-    due_eval = step % config.eval_every == 0 or step == total_steps
-    due_fewshot = fewshot_eval is not None and (
-        step % fewshot_every == 0 or step == total_steps)
-    if due_eval or due_fewshot:
-      stop_if_nonfinite()
-      evaluate_all(step, splits=due_eval, few_shot=due_fewshot)
-      timer.reset(step)
-    saved = step % config.checkpoint_every == 0 or step == total_steps
-    if saved:
-      save_checkpoint()
-      timer.reset(step)
-    if preempted.reached(step):  # Every step, on every process (same answer).
-      if not saved:
+      if step == start_step + 1:
+        jax.block_until_ready(state)
+        timer.reset(step)  # Throughput excludes the first (compile-bound) step.
+      if step % config.log_every == 0 or step == total_steps:
+        stop_if_nonfinite()
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        scalars['learning_rate'] = float(run.schedule(step - 1))
+        scalars.update(timer.lap(step))
+        writer.write(step, scalars)
+        logging.info(metrics.format_progress(
+            step, total_steps, scalars, timer.elapsed_s,
+            scalars.get('steps_per_sec', 0.0)))
+      saved = step % config.checkpoint_every == 0 or step == total_steps
+      if saved:  # Before evaluating: an error there cannot cost this step.
         save_checkpoint()
-      preempted_at = step
-      break
+        timer.reset(step)
+      due_eval = step % config.eval_every == 0 or step == total_steps
+      due_fewshot = fewshot_eval is not None and (
+          step % fewshot_every == 0 or step == total_steps)
+      if due_eval or due_fewshot:
+        stop_if_nonfinite()
+        if saved:  # On disk before the evaluation reads its data.
+          manager.wait_until_finished()
+        evaluate_all(step, splits=due_eval, few_shot=due_fewshot)
+        timer.reset(step)
+      if preempted.reached(step):  # Every step, on every process (same answer).
+        if not saved:
+          save_checkpoint()
+        preempted_at = step
+        break
+  except BaseException:
+    manager.wait_until_finished()
+    raise
 
   # ----------------------------------------------------------------- finish
   if start_step >= total_steps:  # Rerun of a finished workdir: report, train nothing.

@@ -1,7 +1,11 @@
-"""The run's directory: made and proven writable before anything is written."""
+"""The run's directory: made and proven writable before anything is written,
+and removed again if a refused start left it empty."""
 
+import contextlib
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -36,3 +40,21 @@ def prepare_workdir(workdir: str) -> str:
     raise ConfigError(f'workdir {workdir} is not writable ({e}); pick a '
                       'writable --workdir or fix its permissions') from None
   return os.fspath(path)
+
+
+@contextlib.contextmanager
+def removed_if_unused(workdir: str | None) -> Iterator[None]:
+  """Removes `workdir` if the block fails, it did not exist before, and no
+  file was written into it (empty subdirectories, such as the checkpoint
+  manager's, do not count). An existing workdir is never touched."""
+  existed = not workdir or os.path.exists(workdir)
+  try:
+    yield
+  except BaseException:
+    if not existed and os.path.isdir(workdir) and not _holds_files(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)  # Other processes race it.
+    raise
+
+
+def _holds_files(directory: str) -> bool:
+  return any(files for _, _, files in os.walk(directory))

@@ -45,6 +45,8 @@ HIDDEN_ACTS = {'gelu_pytorch_tanh': True, 'gelu_new': True, 'gelu': False}
 LAYER_NORM_EPS = 1e-6  # Ours (vit.py); HF's default is 1e-12.
 _SIZE_FIELDS = ('hidden_size', 'num_hidden_layers', 'num_attention_heads',
                 'intermediate_size', 'image_size', 'patch_size')
+# Sizes config.json may leave out (transformers' defaults then apply).
+_OPTIONAL_SIZE_FIELDS = ('num_channels', 'head_dim', 'pooler_output_size')
 _ATTN = 'MultiHeadDotProductAttention_1'
 
 # One encoder layer: (HF name after `vit.encoder.layer.{i}.`, ours after
@@ -266,7 +268,8 @@ def read_hf_config(path: str | epath.PathLike) -> dict[str, Any]:
 
   Raises:
     ValueError: not JSON, another model_type or architecture, missing or
-      non-integer sizes, no q/k/v bias, an activation other than GELU.
+      non-integer sizes, no q/k/v bias, an activation other than GELU, a
+      layer_norm_eps that is no number or an id2label that is no mapping.
   """
   file = epath.Path(path) / CONFIG_FILE
   try:
@@ -282,7 +285,8 @@ def read_hf_config(path: str | epath.PathLike) -> dict[str, Any]:
   if not set(architectures) <= set(_READ_ARCHITECTURES):
     raise ValueError(f'{file}: architectures {architectures}; read are '
                      f'{list(_READ_ARCHITECTURES)}')
-  for key in _SIZE_FIELDS:
+  given = [k for k in _OPTIONAL_SIZE_FIELDS if config.get(k) is not None]
+  for key in (*_SIZE_FIELDS, *given):
     value = config.get(key)
     values = value if isinstance(value, list) and len(value) == 2 else [value]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -292,9 +296,15 @@ def read_hf_config(path: str | epath.PathLike) -> dict[str, Any]:
     raise ValueError(f'{file}: qkv_bias is false; our attention always has '
                      'query/key/value biases')
   act = config.get('hidden_act', 'gelu')
-  if act not in HIDDEN_ACTS:
+  if not isinstance(act, str) or act not in HIDDEN_ACTS:
     raise ValueError(f'{file}: hidden_act {act!r}; our MLP computes GELU '
                      f'({sorted(HIDDEN_ACTS)})')
+  eps = config.get('layer_norm_eps', 1e-12)
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    raise ValueError(f'{file}: layer_norm_eps must be a number, got {eps!r}')
+  if not isinstance(config.get('id2label') or {}, dict):
+    raise ValueError(f"{file}: id2label must map class indices to names, got "
+                     f"{config['id2label']!r}")
   return config
 
 
@@ -315,7 +325,11 @@ def read_hf_dir(path: str | epath.PathLike) -> dict[str, np.ndarray]:
                      'sharded or pickled (.bin) checkpoint is not read')
   shapes = {_prefixed(name): (name, shape) for name, shape in
             safetensors_file.tensor_shapes(weights).items()}
-  names = tensor_names(config['num_hidden_layers'],
+  # Names of at most one layer past the file's: where config.json claims
+  # more, that layer is reported missing (and a claim of 10**9 layers builds
+  # no 10**9 names).
+  held = {n.split('.')[3] for n in shapes if n.startswith('vit.encoder.layer.')}
+  names = tensor_names(min(config['num_hidden_layers'], len(held) + 1),
                        head='classifier.weight' in shapes,
                        pooler='vit.pooler.dense.weight' in shapes)
   want = _torch_shapes(config, names, shapes)

@@ -13,10 +13,12 @@ write, and `load_npz` returns per-block trees. All paths go through
 
 from __future__ import annotations
 
+import contextlib
+import math
 import uuid
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from absl import logging
@@ -32,7 +34,12 @@ from vit_jax.checkpoint.layouts import unstack_encoder_blocks
 
 # The metadata entry of an int8 file (vit_jax.checkpoint.quantized).
 QUANTIZED_MARKER = '__vit_jax_quantized__'
-
+# A zip archive starts with a local file header, or is empty (end record).
+_ZIP_SIGNATURES = (b'PK\x03\x04', b'PK\x05\x06')
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+_CORRUPT_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile,
+                   zlib.error)
 
 
 def save_npz(path: str | epath.PathLike, params: Mapping[str, Any]) -> None:
@@ -107,8 +114,25 @@ def load_npz(path: str | epath.PathLike) -> Params:
   return unflatten_params(convert_to_released_layout(flat))
 
 
-def read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
-  """The flat name -> array dict of an `.npz`, as stored (any layout)."""
+def read_npz(path: str | epath.PathLike,
+             names: Collection[str] | None = None) -> dict[str, np.ndarray]:
+  """The flat name -> array dict of an `.npz`, as stored (any layout).
+
+  Every member's `.npy` header is checked before any array is read
+  (`array_headers`), so a pickled array is refused without unpickling it and
+  a header that claims more bytes than the member holds is refused before
+  anything is allocated.
+
+  Args:
+    path: the file.
+    names: read only these arrays (those present); default: all.
+
+  Raises:
+    FileNotFoundError: nothing at `path`.
+    ValueError: naming the file: not a zip archive, a member that is not a
+      numeric `.npy` array ("contains pickled objects, refused" for object
+      arrays), or a truncated or corrupt archive.
+  """
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint file at {path}')
@@ -118,19 +142,70 @@ def read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
   with path.open('rb') as f:
     magic = f.read(6)
     f.seek(0)
-    if not magic.startswith(b'PK'):  # Every .npz is a zip archive.
+    if not magic.startswith(_ZIP_SIGNATURES):  # Every .npz is a zip archive.
       raise ValueError(f'{path} is not an .npz checkpoint: {_what_is(magic)}.')
-    try:
-      with np.load(f, allow_pickle=False) as npz:
-        flat = {name: npz[name] for name in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile,
-            zlib.error) as e:
+    with _as_corrupt(path):
+      archive = zipfile.ZipFile(f)
+    with archive:
+      headers = array_headers(archive, path)
+    if not headers:
+      raise ValueError(f'{path} is an empty .npz archive (no arrays).')
+    f.seek(0)
+    with _as_corrupt(path), np.load(f, allow_pickle=False) as npz:
+      return {name: npz[name] for name in headers
+              if names is None or name in names}
+
+
+def array_headers(archive: zipfile.ZipFile, path: str | epath.PathLike
+                  ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """name -> (shape, dtype) of every array of an open `.npz`, from the `.npy`
+  headers alone (no array data is read, nothing is unpickled).
+
+  Raises:
+    ValueError: naming `path` and the member: not a `.npy` array, an object
+      (pickled) dtype, a name given twice, or a stated shape and dtype that
+      are not the bytes the member holds.
+  """
+  headers = {}
+  for info in archive.infolist():
+    if not info.filename.endswith('.npy'):
+      raise ValueError(f'{path} holds {info.filename!r}, which is not a .npy '
+                       'array; an .npz checkpoint holds only arrays.')
+    name = info.filename[:-len('.npy')]
+    if name in headers:
+      raise ValueError(f'{path} holds the array {name!r} twice.')
+    with _as_corrupt(path), archive.open(info) as member:
+      version = np.lib.format.read_magic(member)
+      reader = _NPY_HEADER_READERS.get(version)
+      if reader is not None:
+        shape, _, dtype = reader(member)
+        data_bytes = info.file_size - member.tell()
+    if reader is None:
+      raise ValueError(f'{path}: array {name!r} is in .npy format {version}; '
+                       f'read are {sorted(_NPY_HEADER_READERS)}.')
+    if dtype.hasobject:
       raise ValueError(
-          f'{path} could not be read as an .npz checkpoint; it may be '
-          f'truncated or corrupt ({type(e).__name__}: {e}).') from e
-  if not flat:
-    raise ValueError(f'{path} is an empty .npz archive (no arrays).')
-  return flat
+          f'{path} contains pickled objects, refused: array {name!r} has '
+          f'dtype {dtype} (Python objects); a checkpoint holds numeric arrays '
+          'only, and nothing of it was unpickled.')
+    want = math.prod(shape) * dtype.itemsize
+    if data_bytes != want:
+      raise ValueError(
+          f'{path}: array {name!r} claims shape {shape} {dtype} ({want} bytes) '
+          f'but holds {data_bytes}; the file is truncated or corrupt.')
+    headers[name] = (tuple(shape), dtype)
+  return headers
+
+
+@contextlib.contextmanager
+def _as_corrupt(path: epath.Path) -> Iterator[None]:
+  """Low-level read errors of the archive as a ValueError naming `path`."""
+  try:
+    yield
+  except _CORRUPT_ERRORS as e:
+    raise ValueError(
+        f'{path} could not be read as an .npz checkpoint; it may be '
+        f'truncated or corrupt ({type(e).__name__}: {e}).') from e
 
 
 def _what_is(magic: bytes) -> str:

@@ -20,6 +20,7 @@ model, optimizer, ...) is not damage: it is refused, and nothing is moved.
 """
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable
 
@@ -256,6 +257,32 @@ def check_resume_meta(meta: dict[str, Any], config: Any) -> None:
     raise ConfigError(
         'this workdir holds a checkpoint of a different run (' + '; '.join(changed)
         + '). Use a new --workdir, or restore the original values.')
+
+
+def duration_change(meta: dict[str, Any], total_steps: int,
+                    start_step: int) -> str | None:
+  """What resuming with another `total_steps` does, or None if unchanged.
+
+  Extending (or shortening) a run is allowed, unlike a change of the data
+  stream or the model (`check_resume_meta`): the schedule is a function of
+  total_steps, so it is recomputed and the steps after `start_step` follow
+  the new one. `meta` is the checkpoint's; older ones record the duration
+  only in their config (None there: a run given in epochs, not compared).
+  """
+  saved = meta.get('total_steps')
+  if saved is None:
+    saved = json.loads(meta.get('config') or '{}').get('total_steps')
+  if saved is None or int(saved) == total_steps:
+    return None
+  if start_step >= total_steps:
+    then = f'step {start_step} already reaches it: nothing more is trained'
+  else:
+    then = (f'the learning-rate schedule is recomputed for {total_steps} '
+            f'steps (warmup and decay stretched or shrunk), so steps '
+            f'{start_step + 1}..{total_steps} follow the new schedule, not '
+            f'the one steps 1..{start_step} followed')
+  return (f'resuming at step {start_step} with total_steps {total_steps}; the '
+          f'checkpoint was written by a run of total_steps {saved}: {then}.')
 
 
 class NoGoodCheckpointError(RuntimeError):

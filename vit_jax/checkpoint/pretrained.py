@@ -45,10 +45,12 @@ from vit_jax.metrics import summarize_names
 
 def check_config(config: Any) -> None:
   """Raises ConfigError for pretrained-loading keys that cannot work: a
-  `pretrained_path` that does not exist, an unknown posemb resize method."""
+  `pretrained_path` that does not exist, an unknown posemb resize method;
+  ValueError for a file its headers show to be unreadable."""
   if config.pretrained_path:
     require(epath.Path(config.pretrained_path).exists(),
             f'config.pretrained_path {config.pretrained_path} does not exist')
+    _check_file_format(config.pretrained_path)
   require(config.pretrained.posemb_resize in POSEMB_METHODS,
           f'config.pretrained.posemb_resize {config.pretrained.posemb_resize!r} '
           f'not in {POSEMB_METHODS}')
@@ -58,6 +60,18 @@ def check_config(config: Any) -> None:
   require(config.pretrained.patch_resize in patch_resizing.METHODS,
           f'config.pretrained.patch_resize {config.pretrained.patch_resize!r} '
           f'not in {patch_resizing.METHODS}')
+
+
+def _check_file_format(path: str) -> None:
+  """Refuses a file that is not what it claims from its headers alone (no
+  array data read, nothing unpickled), so a text file named `.npz` or a
+  pickled one is refused before anything compiles, not at load time."""
+  if hf.is_hf_dir(path) or _workdir_source(path) is not None:
+    return  # Directories: read (and checked) by load_pretrained.
+  if safetensors_file.is_safetensors(path):
+    safetensors_file.tensor_shapes(path)
+  else:
+    npz.read_npz(path, names=())
 
 
 # What load_pretrained does with a GFNet filter trained on another patch grid:

@@ -103,10 +103,9 @@ def read(path: str | epath.PathLike) -> tuple[dict[str, np.ndarray], dict[str, A
 
 
 def read_metadata(path: str | epath.PathLike) -> dict[str, Any]:
-  """The metadata of an int8 file alone: the arrays are not read."""
-  with epath.Path(path).open('rb') as f, np.load(f, allow_pickle=False) as z:
-    raw = z[MARKER] if MARKER in z.files else None
-  return _metadata(raw, path)
+  """The metadata of an int8 file alone: the other arrays are not read
+  (their headers are checked, npz.read_npz)."""
+  return _metadata(npz.read_npz(path, names=(MARKER,)).get(MARKER), path)
 
 
 def _metadata(raw: np.ndarray | None, path: str | epath.PathLike) -> dict[str, Any]:
@@ -126,27 +125,37 @@ def _metadata(raw: np.ndarray | None, path: str | epath.PathLike) -> dict[str, A
 
 
 def from_arrays(arrays: dict[str, np.ndarray], abstract: PyTree,
-                source: str) -> PyTree:
+                source: str, float_abstract: PyTree) -> PyTree:
   """The PTQ params tree of `abstract` (the PTQ model's eval_shape'd params)
-  filled from the file's arrays; every name, shape and dtype is checked."""
-  problems, used, flat = [], set(), {}
+  filled from the file's arrays; every name, shape and dtype is checked.
 
-  def take(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+  `float_abstract` (the float model's eval_shape'd params) gives the shape an
+  int8 kernel is stored in: qwix may hold it in another (a conv kernel
+  [ph, pw, c, hidden] as [ph * pw * c, hidden]), so a kernel stored in the
+  wrong order of the same size is told apart.
+  """
+  problems, used, flat = [], set(), {}
+  float_shapes = {k: tuple(v.shape) for k, v in _flat(float_abstract).items()}
+
+  def take(name: str, shape: tuple[int, ...], dtype: Any,
+           stored: tuple[int, ...] | None = None) -> np.ndarray | None:
     used.add(name)
+    stored = tuple(shape if stored is None else stored)
     if name not in arrays:
-      problems.append(f'  missing: {name} {tuple(shape)}')
+      problems.append(f'  missing: {name} {stored}')
       return None
     value = arrays[name]
-    if value.dtype != np.dtype(dtype) or value.size != int(np.prod(shape)):
+    if value.dtype != np.dtype(dtype) or value.shape != stored:
       problems.append(f'  {name}: file {value.dtype} {value.shape} vs model '
-                      f'{np.dtype(dtype)} {tuple(shape)}')
+                      f'{np.dtype(dtype)} {stored}')
       return None
     return value.reshape(shape)
 
   for name, leaf in _flat(abstract).items():
     if _is_with_aux(leaf) and _is_int8(leaf):
       q = leaf.array
-      qvalue = take(name, q.qvalue.shape, np.int8)
+      qvalue = take(name, q.qvalue.shape, np.int8,
+                    float_shapes.get(name, q.qvalue.shape))
       scale = take(name + SCALE_SUFFIX, q.scale.shape, np.float32)
       flat[name] = leaf.replace(array=dataclasses.replace(
           q, qvalue=qvalue, scale=scale))

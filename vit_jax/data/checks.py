@@ -10,6 +10,7 @@ settings (preprocess.py, augment.py, sources.py) take their names from here.
 from vit_jax.config_checks import ConfigError
 from vit_jax.config_checks import positive_int
 from vit_jax.config_checks import require
+from vit_jax.data.pixel_limit import DEFAULT_MAX_IMAGE_PIXELS
 
 TRAIN_CROPS = ('inception', 'random', 'resize', 'pad')
 # How a TFDS dataset is read (config.input.tfds_reader); see sources.py.
@@ -30,8 +31,8 @@ def check_config(config) -> None:
   """Raises ConfigError naming the first bad input setting, without any IO.
 
   `dataset` (a name), the `input` keys that can be wrong without the data
-  (`channels`, `image_size`, `tfds_reader`), `eval.splits` and the `pp`
-  section. What needs the data itself (the dataset exists, its splits do) is
+  (`channels`, `image_size`, `max_image_pixels`, `tfds_reader`),
+  `eval.splits` and the `pp` section. What needs the data itself (the dataset exists, its splits do) is
   checked by `get_dataset_info`.
   """
   require(isinstance(config.dataset, str) and config.dataset.strip() != '',
@@ -40,6 +41,9 @@ def check_config(config) -> None:
   require(config.input.channels in (1, 3), 'config.input.channels must be 1 '
           f'(grayscale) or 3 (RGB), got {config.input.channels!r}')
   positive_int(config.input.image_size, 'input.image_size')
+  # .get: configs saved before the key existed read images up to the default.
+  positive_int(config.input.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS),
+               'input.max_image_pixels')
   require(bool(eval_splits(config)), 'config.eval.splits is empty')
   require(config.input.tfds_reader in TFDS_READERS,
           f'config.input.tfds_reader={config.input.tfds_reader!r}; expected '

@@ -7,7 +7,9 @@ order, and every slice of it (`train[:90%]`, TFDS slicing syntax), is fixed.
 Each split is scanned once per process on first use: every file is decoded
 (in parallel) to find unreadable ones and the native image shapes. A bad
 file is a ValueError naming it, or, with `config.input.skip_bad_images`, a warning
-and the file is left out. The scan costs one decode pass, fine for the small
+and the file is left out. So is an image whose header claims more than
+`config.input.max_image_pixels` pixels (vit_jax.data.pixel_limit): it is
+measured before the test decode, so a decompression bomb is never decoded. The scan costs one decode pass, fine for the small
 folders this is meant for; convert large collections to TFDS instead.
 """
 
@@ -22,9 +24,11 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vit_jax.data import pixel_limit
 from vit_jax.data.tf_runtime import tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_LIMIT_SETTING = 'config.input.max_image_pixels'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +47,29 @@ def _decode_error(path: str) -> str | None:
   return 'decodes only outside tf.data'
 
 
+def _within_pixel_limit(paths: list[str], labels: list[int], max_pixels: int,
+                        skip_bad_images: bool) -> tuple[list[str], list[int]]:
+  """The (paths, labels) whose headers are within `max_pixels`; an image
+  over it is an error, or with `skip_bad_images` a warning and left out."""
+  kept_paths, kept_labels = [], []
+  for path, label in zip(paths, labels):
+    try:
+      pixel_limit.check_pixel_limit(path, max_pixels, _LIMIT_SETTING)
+    except pixel_limit.ImageTooLarge as e:
+      if not skip_bad_images:
+        raise
+      logging.warning('%s; skipping it.', e)
+      continue
+    kept_paths.append(path)
+    kept_labels.append(label)
+  return kept_paths, kept_labels
+
+
 @functools.lru_cache(maxsize=16)
 def _scan_split(split_dir: str, class_names: tuple[str, ...],
-                skip_bad_images: bool) -> _Scan:
-  """Lists, labels and test-decodes the images of one split directory."""
+                skip_bad_images: bool, max_image_pixels: int) -> _Scan:
+  """Lists, labels, measures and test-decodes the images of one split
+  directory."""
   paths, labels = [], []
   for entry in sorted(os.listdir(split_dir)):
     class_dir = os.path.join(split_dir, entry)
@@ -62,6 +85,8 @@ def _scan_split(split_dir: str, class_names: tuple[str, ...],
   if not paths:
     raise ValueError(f'No {"/".join(IMAGE_EXTENSIONS)} images under '
                      f'{split_dir}/<class_name>/.')
+  paths, labels = _within_pixel_limit(paths, labels, max_image_pixels,
+                                      skip_bad_images)
 
   def shape(index, path):
     image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
@@ -112,7 +137,8 @@ class FolderSource:
   """A `Source` (see sources.py) over an image folder; random access."""
 
   def __init__(self, root: str, *, train_split: str, channels: int,
-               skip_bad_images: bool = False):
+               skip_bad_images: bool = False,
+               max_image_pixels: int = pixel_limit.DEFAULT_MAX_IMAGE_PIXELS):
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
       raise FileNotFoundError(
@@ -124,6 +150,7 @@ class FolderSource:
         d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))))
     self._channels = channels
     self._skip_bad_images = skip_bad_images
+    self._max_image_pixels = max_image_pixels
     train_dir = self._split_dir(_split_names(train_split)[0])
     self.class_names = tuple(sorted(
         d for d in os.listdir(train_dir)
@@ -138,7 +165,7 @@ class FolderSource:
 
   def scan(self, split: str) -> _Scan:
     return _scan_split(self._split_dir(split), self.class_names,
-                       self._skip_bad_images)
+                       self._skip_bad_images, self._max_image_pixels)
 
   def _native_shape(self, spec: str) -> tuple[int | None, int | None, int]:
     shapes = {s for name in _split_names(spec) for s in self.scan(name).shapes}

@@ -10,6 +10,7 @@ keys themselves are checked by vit_jax.data.checks, without touching the data.
 import dataclasses
 import math
 
+from vit_jax.config_checks import ConfigError
 from vit_jax.data import sources
 from vit_jax.data.checks import eval_splits
 
@@ -42,18 +43,40 @@ def get_dataset_info(config) -> DatasetInfo:
 
   Raises:
     ValueError: unknown dataset name or split (the message lists the
-      available splits).
+      available splits); ConfigError: a split that holds no examples.
     FileNotFoundError: the dataset is known but its data is missing (the
       message says how to get it).
   """
   source = sources.open_source(config)
-  splits = [config.input.train_split] + eval_splits(config)
+  keys = {config.input.train_split: 'config.input.train_split'}
+  for split in eval_splits(config):
+    keys.setdefault(split, 'config.eval.splits')
+  num_examples = {split: source.split_size(split) for split in keys}
+  for split, key in keys.items():
+    if num_examples[split] == 0:  # Found before a step compiles, not after.
+      raise ConfigError(
+          f'{key}: split {split!r} of {config.dataset!r} holds no examples '
+          f'(the splits hold {_sizes(source, split)}); pick a slice that '
+          "selects some, e.g. 'test[:50%]'.")
   return DatasetInfo(
       name=config.dataset,
       num_classes=len(source.class_names),
       class_names=tuple(source.class_names),
-      num_examples={split: source.split_size(split) for split in splits},
+      num_examples=num_examples,
       image_shape=tuple(source.image_shape))
+
+
+def _sizes(source: sources.Source, split: str) -> str:
+  """'train: 1297, test: 500': the whole splits, for an empty slice's message."""
+  names = dict.fromkeys([split.split('[')[0], 'train', 'test', 'validation'])
+  found = []
+  for name in names:
+    try:
+      found.append(f'{name}: {source.split_size(name)}')
+    except (ValueError, FileNotFoundError):
+      continue
+  return ', '.join(found) or 'no split this config names'
+
 
 
 def num_eval_batches(info_or_config, split: str,

@@ -20,6 +20,7 @@ opened or a split is sized, so they surface before any model compiles.
 """
 
 import contextlib
+import difflib
 import fcntl
 import os
 from collections.abc import Callable
@@ -32,6 +33,7 @@ import tensorflow_datasets as tfds
 from vit_jax.data import digits
 from vit_jax.data import fashion_mnist
 from vit_jax.data import folder
+from vit_jax.data import pixel_limit
 from vit_jax.data.tf_runtime import tf
 
 Record = dict[str, tf.Tensor]
@@ -257,11 +259,12 @@ def _tfds_builder(name: str, data_dir: str | None,
   """The builder of a prepared, registered TFDS dataset (never downloads)."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except tfds.core.registered.DatasetNotFoundError:
+    # Not TFDS's own message: it lists every registered dataset (~500 lines).
     raise ValueError(
-        f'Unknown dataset {name!r}: not a TFDS dataset name, not one of the '
-        f'offline datasets {sorted(OFFLINE_BUILDERS)}, and not '
-        "'folder:/path/to/root'. Check config.dataset.") from e
+        f'config.dataset: unknown dataset {name!r}: not a TFDS dataset name, '
+        f'not one of the offline datasets {sorted(OFFLINE_BUILDERS)}, and not '
+        f"'folder:/path/to/root'.{_closest_names(name)}") from None
   if check_prepared and not builder.is_prepared():
     flag = f' --data_dir={data_dir}' if data_dir else ''
     raise FileNotFoundError(
@@ -272,6 +275,15 @@ def _tfds_builder(name: str, data_dir: str | None,
   return builder
 
 
+def _closest_names(name: str) -> str:
+  """" Did you mean 'mnist' or 'fashion_mnist'?" (or '' if nothing is close)."""
+  base = name.split(':')[0].split('/')[0]  # 'cifar10:3.0.2' -> 'cifar10'
+  known = sorted(set(tfds.list_builders()) | set(OFFLINE_BUILDERS))
+  matches = difflib.get_close_matches(base, known, n=4, cutoff=0.6)
+  return (' Did you mean ' + ' or '.join(repr(m) for m in matches) + '?'
+          if matches else '')
+
+
 def open_source(config) -> Source:
   """The source `config.dataset` names (see module docstring)."""
   name = config.dataset
@@ -279,7 +291,9 @@ def open_source(config) -> Source:
     return folder.FolderSource(
         name[len('folder:'):], train_split=config.input.train_split,
         channels=config.input.channels,
-        skip_bad_images=config.input.get('skip_bad_images', False))
+        skip_bad_images=config.input.get('skip_bad_images', False),
+        max_image_pixels=config.input.get(
+            'max_image_pixels', pixel_limit.DEFAULT_MAX_IMAGE_PIXELS))
   # .get: configs saved before the key existed read their shards.
   reader = config.input.get('tfds_reader', 'shards')
   if name in OFFLINE_BUILDERS:

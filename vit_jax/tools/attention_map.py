@@ -54,6 +54,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   cli.define_model_flags(fv)
   flags.DEFINE_string('image', None, 'Image file (PNG/JPEG/GIF/BMP).',
                       flag_values=fv)
+  loading.define_max_image_pixels_flag(fv)
   flags.DEFINE_string('out', 'attention_map.png', 'PNG file to write.',
                       flag_values=fv)
   flags.DEFINE_string('layers', 'all', "Layers to draw: 'all' or indices such "
@@ -227,8 +228,9 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     raise ValueError(f'unexpected arguments {args}; pass the image as --image')
   if not fv.image:
     raise ValueError('--image is required')
+  cli.check_output_path(fv.out, 'out')
+  image = loading.read_image(fv.image, fv.max_image_pixels)
   trained = cli.load_model(fv)
-  image = loading.read_image(fv.image)
   att = collect_attention(trained, image)
   layers = _parse_layers(fv.layers, att.weights.shape[0])
   best = int(np.argmax(att.probs))

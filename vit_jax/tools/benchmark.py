@@ -294,6 +294,9 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv  # cli.run applied the config's CPU device split, as train.py does.
+  for flag in ('json', 'sweep_json', 'sweep_plot'):  # Before minutes of timing.
+    if fv[flag].value:
+      cli.check_output_path(fv[flag].value, flag)
   if fv.sweep:  # Many points, each in its own process.
     bench_mixers.main(fv)
     return

@@ -4,19 +4,20 @@ Each tool defines its flags on its own `absl.flags.FlagValues` (not the global
 FLAGS), so the tools can be imported side by side and run in-process by tests.
 A user error (missing file, undecodable image, wrong model) ends the tool with
 `error: <message>` and exit code 1, without a traceback; a bad flag with a usage
-line and exit code 2.
+line and exit code 2 (vit_jax.refusals, shared with train.py; `--verbose`
+brings the traceback back).
 """
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from absl import flags
 
-from vit_jax import config_keys
+from vit_jax import refusals
 from vit_jax import startup
-from vit_jax.config_checks import ConfigError
 
 if TYPE_CHECKING:
   from vit_jax.tools import loading
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
 Main = Callable[[flags.FlagValues, list[str]], None]
 # Defines a tool's flags; gets argv because config_flags reads overrides from it.
 Define = Callable[[flags.FlagValues, list[str]], None]
-
-# What a user can get wrong; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, ImportError)
 
 
 class StepParser(flags.ArgumentParser):
@@ -99,34 +97,34 @@ def load_model(fv: flags.FlagValues) -> 'loading.TrainedModel':
                                class_names_file=fv.class_names)
 
 
+def check_output_path(path: str, flag: str) -> None:
+  """Refuses an output path whose folder does not exist, before any work."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'--{flag}={path}: folder {folder} does not exist '
+                            '(create it, or write somewhere else)')
+
+
 def run(define: Define, main: Main, argv: Sequence[str] | None = None,
         doc: str = '') -> int:
   """Parses `argv` (default sys.argv) with the tool's flags and runs `main`.
 
   `doc` (the tool's module docstring) and the flags are printed for --help.
-  Returns the exit code: 0, 1 for a user error, 2 for bad flags.
+  Returns the exit code: 0, 1 for a refusal, 2 for bad flags.
   """
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
   define(fv, argv)
   if {'-h', '--help', '--helpfull'} & set(argv[1:]):
-    print(f'{doc.strip()}\n\nFlags:\n{fv.get_help()}')
+    print(f'{doc.strip()}\n\nFlags:\n{fv.get_help()}\n  --verbose: on a '
+          'refusal, show the traceback too.')
     return 0
-  try:
-    config_keys.check_flags(argv)  # A moved key, named before parsing.
-    rest = fv(argv)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  except flags.Error as e:
-    print(f'usage error: {e}\nTry --help.', file=sys.stderr)
-    return 2
-  try:
+
+  def parse_and_run():
+    rest = refusals.parse_flags(fv, argv)
     # A tool's --config (if it has one) splits the CPU like train.py does.
     startup.prepare_process(fv.config if 'config' in fv else None,
                             quiet_below=logging.ERROR)
     main(fv, rest[1:])
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+
+  return refusals.run_refusing(parse_and_run, argv)

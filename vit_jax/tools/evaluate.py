@@ -112,6 +112,8 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     raise ValueError(f'unexpected arguments {args}')
   if not fv.checkpoint:
     raise ValueError('--checkpoint (a workdir or an .npz file) is required')
+  if fv.json_out:
+    cli.check_output_path(fv.json_out, 'json_out')
   config = fv.config
   if config is None:
     config = loading.saved_config(fv.checkpoint, fv.step)

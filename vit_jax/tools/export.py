@@ -56,9 +56,9 @@ from vit_jax import checkpoint
 from vit_jax import pruning
 from vit_jax.checkpoint import hf
 from vit_jax.checkpoint import layouts
-from vit_jax.checkpoint import workdir_reader
 from vit_jax.checkpoint import quantized
 from vit_jax.checkpoint import safetensors_file
+from vit_jax.checkpoint import workdir_reader
 from vit_jax.models.vit import posemb_sincos_2d
 from vit_jax.tools import cli
 
@@ -244,6 +244,9 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
   if not fv.out or not (fv.workdir or fv.checkpoint):
     raise ValueError('--out and --workdir (or --checkpoint with --model and '
                      '--image_size) are required')
+  cli.check_output_path(fv.out, 'out')  # Before loading anything.
+  if fv.safetensors:
+    cli.check_output_path(fv.safetensors, 'safetensors')
   if fv.format == 'hf':
     if fv.safetensors or fv.drop_pruned_heads:
       raise ValueError('--safetensors and --drop_pruned_heads are for '

@@ -31,8 +31,8 @@ from configs import common
 from vit_jax import feature_cache
 from vit_jax import fewshot
 from vit_jax import parallel
-from vit_jax.checkpoint import workdir_reader
 from vit_jax.checkpoint import quantized
+from vit_jax.checkpoint import workdir_reader
 from vit_jax.tools import cli
 
 CACHE_DIR = 'feature_cache'
@@ -163,6 +163,8 @@ def run_probe(fv: flags.FlagValues) -> list[dict[str, Any]]:
 def main(fv: flags.FlagValues, args: list[str]) -> None:
   if args:
     raise ValueError(f'unexpected arguments {args}')
+  if fv.json_out:
+    cli.check_output_path(fv.json_out, 'json_out')
   rows = run_probe(fv)
   print(f'{fv.dataset} {fv.train_split} -> {fv.test_split} '
         f'({fv.seeds} seeds per shot count)')

@@ -9,8 +9,9 @@ the input channels, a `pre_logits` layer and the heads per block (a file
 whose pruned heads were dropped, vit_jax.models.head_counts) are read off the
 file's shapes.
 
-Images go through `read_image` (any PNG/JPEG/GIF/BMP, grayscale or colour, any
-size) and `TrainedModel.preprocess`, which is the eval pipeline's own
+Images go through `read_image` (any PNG/JPEG/GIF/BMP, grayscale or colour, of
+up to `--max_image_pixels` pixels, measured from the header before decoding:
+vit_jax.data.pixel_limit) and `TrainedModel.preprocess`, which is the eval pipeline's own
 `data.preprocess.eval_preprocess`, so a prediction sees what evaluation saw.
 """
 
@@ -19,6 +20,7 @@ import json
 import re
 from typing import Any
 
+from absl import flags
 from absl import logging
 from etils import epath
 import flax.linen as nn
@@ -36,6 +38,7 @@ from vit_jax.checkpoint import layouts
 from vit_jax.models import head_counts
 from vit_jax.checkpoint import quantized
 from vit_jax.checkpoint import workdir_reader
+from vit_jax.data import pixel_limit
 from vit_jax.data import preprocess
 from vit_jax.data.tf_runtime import tf
 
@@ -219,7 +222,10 @@ def load_quantized(path: str, *, class_names_file: str | None = None
   model = models.create_model(model_config, len(names))
   abstract = quantization.abstract_quantized_params(
       model, qcfg, (size, size, channels))
-  params = quantized.from_arrays(arrays, abstract, str(path))
+  float_abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)),
+      train=False))['params']
+  params = quantized.from_arrays(arrays, abstract, str(path), float_abstract)
   if class_names_file:
     names = read_class_names(class_names_file, len(names))
   return TrainedModel(
@@ -304,15 +310,28 @@ def check_params_fit(model: nn.Module, params: Params,
 # ---------------------------------------------------------------- images
 
 
-def read_image(path: str) -> np.ndarray:
+def define_max_image_pixels_flag(fv: flags.FlagValues) -> None:
+  """`--max_image_pixels`, the limit `read_image` applies, for the tools that
+  read image files."""
+  flags.DEFINE_integer(
+      'max_image_pixels', pixel_limit.DEFAULT_MAX_IMAGE_PIXELS,
+      'Refuse an image whose header claims more pixels (width x height) than '
+      'this, before decoding it (a guard against decompression bombs); raise '
+      'it for trusted large images.', lower_bound=1, flag_values=fv)
+
+
+def read_image(path: str, max_pixels: int = pixel_limit.DEFAULT_MAX_IMAGE_PIXELS
+               ) -> np.ndarray:
   """Decodes a PNG/JPEG/GIF/BMP file to uint8 [H, W, C], C in (1, 3, 4).
 
   Grayscale with alpha is returned as grayscale. Raises FileNotFoundError or
-  ValueError naming the file.
+  ValueError naming the file; an image of over `max_pixels` pixels is refused
+  from its header, before anything is decoded.
   """
   file = epath.Path(path)
   if not file.is_file():
     raise FileNotFoundError(f'No image file at {path}')
+  pixel_limit.check_pixel_limit(path, max_pixels, '--max_image_pixels')
   try:
     image = tf.io.decode_image(file.read_bytes(), expand_animations=False)
   except tf.errors.OpError as e:

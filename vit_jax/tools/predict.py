@@ -17,6 +17,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from vit_jax.data import pixel_limit
 from vit_jax.tools import cli
 from vit_jax.tools import loading
 
@@ -27,15 +28,20 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer('top_k', 5, 'Classes to print per image.', flag_values=fv)
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.',
                        flag_values=fv)
+  loading.define_max_image_pixels_flag(fv)
 
 
-def class_probabilities(trained: loading.TrainedModel, paths: Sequence[str],
-                        batch_size: int = 32) -> np.ndarray:
+def class_probabilities(
+    trained: loading.TrainedModel, paths: Sequence[str], batch_size: int = 32,
+    max_image_pixels: int = pixel_limit.DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
   """Softmax over classes for each image file: float32 [len(paths), classes].
 
-  Every file is decoded first, so a bad file fails before any compute.
+  Every file is decoded first, so a bad file fails before any compute; one of
+  over `max_image_pixels` pixels is refused from its header, undecoded.
   """
-  images = np.stack([trained.preprocess(loading.read_image(p)) for p in paths])
+  images = np.stack([trained.preprocess(loading.read_image(p, max_image_pixels))
+                     for p in paths])
   forward = jax.jit(lambda params, x: jax.nn.softmax(
       trained.model.apply({'params': params}, x, train=False)))
   chunks = [forward(trained.params, images[i:i + batch_size])
@@ -60,7 +66,8 @@ def main(fv: flags.FlagValues, paths: list[str]) -> None:
   if fv.top_k < 1 or fv.batch_size < 1:
     raise ValueError('--top_k and --batch_size must be >= 1')
   trained = cli.load_model(fv)
-  probs = class_probabilities(trained, paths, fv.batch_size)
+  probs = class_probabilities(trained, paths, fv.batch_size,
+                              fv.max_image_pixels)
   for path, row in zip(paths, probs):
     print(path)
     for p, name, index in top_classes(row, trained.class_names, fv.top_k):

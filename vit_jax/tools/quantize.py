@@ -24,7 +24,6 @@ import json
 import sys
 
 from absl import flags
-from etils import epath
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -97,9 +96,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     raise ValueError(f'unexpected arguments {args}')
   if not fv.out:
     raise ValueError('--out=FILE.npz is required')
-  folder = epath.Path(fv.out).parent
-  if not folder.is_dir():
-    raise ValueError(f'--out: the folder {folder} does not exist')
+  cli.check_output_path(fv.out, 'out')
   if fv.checkpoint and quantized.is_quantized(fv.checkpoint):
     raise ValueError(f'{fv.checkpoint} is already int8; quantize the float '
                      'checkpoint it came from.')
