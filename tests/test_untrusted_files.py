@@ -20,6 +20,7 @@ from configs import common
 from vit_jax import data
 from vit_jax import models
 from vit_jax.checkpoint import hf
+from vit_jax.checkpoint import hf_config
 from vit_jax.checkpoint import npz
 from vit_jax.checkpoint import quantized
 from vit_jax.checkpoint import safetensors_file
@@ -316,15 +317,15 @@ _HF_CONFIG = dict(model_type='vit', hidden_size=8, num_hidden_layers=1,
      'id2label must map class indices to names'),
 ])
 def test_a_bad_hf_config_json_is_refused(tmp_path, text, message):
-  (tmp_path / hf.CONFIG_FILE).write_text(text)
-  file = re.escape(str(tmp_path / hf.CONFIG_FILE))
+  (tmp_path / hf_config.CONFIG_FILE).write_text(text)
+  file = re.escape(str(tmp_path / hf_config.CONFIG_FILE))
   with pytest.raises(ValueError, match=f'{file}:? .*{message}'):
     hf.read_hf_dir(tmp_path)
 
 
 def test_an_hf_layer_count_past_the_file_builds_no_names_for_it(
     tmp_path, monkeypatch):
-  (tmp_path / hf.CONFIG_FILE).write_text(
+  (tmp_path / hf_config.CONFIG_FILE).write_text(
       json.dumps(dict(_HF_CONFIG, num_hidden_layers=10**9)))
   safetensors_file.write_arrays(tmp_path / hf.WEIGHTS_FILE, {
       'vit.encoder.layer.0.output.dense.bias': np.zeros(8, np.float32)})

@@ -12,6 +12,7 @@ Two jobs, kept apart:
   posemb.py      position-embedding resize to a new patch grid.
   pretrained.py  `load_pretrained`: any of the above as a fine-tuning start.
   hf.py          Hugging Face ViT directories: write (export), read.
+  hf_config.py   their config.json (checked) and preprocessor_config.json.
   timm_layout.py timm ViT state dicts in the released names.
   safetensors_file.py / torch_layout.py  checked .safetensors I/O; torch axes.
 

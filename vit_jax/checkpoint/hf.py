@@ -23,10 +23,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from absl import logging
 from etils import epath
 import numpy as np
 
+from vit_jax.checkpoint import hf_config
 from vit_jax.checkpoint import safetensors_file
 from vit_jax.checkpoint import torch_layout
 from vit_jax.checkpoint.layouts import POSEMB_KEY
@@ -35,18 +35,7 @@ from vit_jax.checkpoint.layouts import convert_to_released_layout
 from vit_jax.checkpoint.layouts import flatten_params
 from vit_jax.checkpoint.layouts import unstack_encoder_blocks
 
-CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
-PREPROCESSOR_FILE = 'preprocessor_config.json'
-ARCHITECTURE = 'ViTForImageClassification'
-_READ_ARCHITECTURES = (ARCHITECTURE, 'ViTModel')
-# transformers' hidden_act -> GELU's tanh form (our gelu_approximate=True).
-HIDDEN_ACTS = {'gelu_pytorch_tanh': True, 'gelu_new': True, 'gelu': False}
-LAYER_NORM_EPS = 1e-6  # Ours (vit.py); HF's default is 1e-12.
-_SIZE_FIELDS = ('hidden_size', 'num_hidden_layers', 'num_attention_heads',
-                'intermediate_size', 'image_size', 'patch_size')
-# Sizes config.json may leave out (transformers' defaults then apply).
-_OPTIONAL_SIZE_FIELDS = ('num_channels', 'head_dim', 'pooler_output_size')
 _ATTN = 'MultiHeadDotProductAttention_1'
 
 # One encoder layer: (HF name after `vit.encoder.layer.{i}.`, ours after
@@ -179,30 +168,13 @@ def to_hf(flat: Mapping[str, np.ndarray], *, image_size: int, channels: int,
   if len(class_names) != num_classes:
     raise ValueError(f'{len(class_names)} class names for a head of '
                      f'{num_classes} classes')
-  config = dict(
-      architectures=[ARCHITECTURE], model_type='vit', hidden_size=int(hidden),
-      num_hidden_layers=len(layers), num_attention_heads=int(heads),
-      intermediate_size=int(flat['Transformer/encoderblock_0/MlpBlock_3/'
-                                 'Dense_0/kernel'].shape[-1]),
-      hidden_act='gelu_pytorch_tanh' if gelu_approximate else 'gelu',
-      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-      initializer_range=0.02, layer_norm_eps=LAYER_NORM_EPS,
-      image_size=int(image_size), patch_size=int(ph) if ph == pw else [ph, pw],
-      num_channels=int(channels), qkv_bias=True, torch_dtype='float32',
-      id2label={str(i): str(n) for i, n in enumerate(class_names)},
-      label2id={str(n): i for i, n in enumerate(class_names)})
+  config = hf_config.vit_config(
+      hidden_size=int(hidden), num_layers=len(layers), num_heads=int(heads),
+      mlp_dim=int(flat['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel']
+                  .shape[-1]),
+      image_size=image_size, patch_size=(int(ph), int(pw)), channels=channels,
+      class_names=class_names, gelu_approximate=gelu_approximate)
   return state, config
-
-
-def preprocessor_config(image_size: int, channels: int) -> dict[str, Any]:
-  """A ViTImageProcessor for our input: uint8 -> [0, 1] -> (x - 0.5) / 0.5,
-  i.e. [-1, 1] as our eval pipeline's `to_model_range`, after a bilinear
-  resize to `image_size`."""
-  return dict(image_processor_type='ViTImageProcessor', do_resize=True,
-              size=dict(height=int(image_size), width=int(image_size)),
-              resample=2,  # PIL.Image.BILINEAR
-              do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-              image_mean=[0.5] * channels, image_std=[0.5] * channels)
 
 
 def check_out_dir(out: str | epath.PathLike) -> None:
@@ -241,9 +213,9 @@ def save_hf_dir(out: str | epath.PathLike, params: Mapping[str, Any], *,
   try:
     safetensors_file.write_arrays(tmp / WEIGHTS_FILE, state,
                                   metadata={'format': 'pt'})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
-    (tmp / PREPROCESSOR_FILE).write_text(
-        json.dumps(preprocessor_config(image_size, channels), indent=2) + '\n')
+    (tmp / hf_config.CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
+    (tmp / hf_config.PREPROCESSOR_FILE).write_text(
+        json.dumps(hf_config.preprocessor_config(image_size, channels), indent=2) + '\n')
     if out.exists():
       out.rmdir()  # Empty (check_out_dir).
     tmp.rename(out)
@@ -259,65 +231,19 @@ def save_hf_dir(out: str | epath.PathLike, params: Mapping[str, Any], *,
 def is_hf_dir(path: str | epath.PathLike) -> bool:
   """A directory with a config.json (a workdir of ours has none)."""
   path = epath.Path(path)
-  return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
-def read_hf_config(path: str | epath.PathLike) -> dict[str, Any]:
-  """The parsed config.json of the HF directory `path`, checked to be a ViT
-  whose layers ours can compute.
-
-  Raises:
-    ValueError: not JSON, another model_type or architecture, missing or
-      non-integer sizes, no q/k/v bias, an activation other than GELU, a
-      layer_norm_eps that is no number or an id2label that is no mapping.
-  """
-  file = epath.Path(path) / CONFIG_FILE
-  try:
-    config = json.loads(file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{file} is not JSON ({e})') from None
-  if not isinstance(config, dict):
-    raise ValueError(f'{file} holds a {type(config).__name__}, not an object')
-  if config.get('model_type') != 'vit':
-    raise ValueError(f"{file}: model_type {config.get('model_type')!r}; only "
-                     "Hugging Face ViT (model_type 'vit') maps to our ViT")
-  architectures = config.get('architectures') or [ARCHITECTURE]
-  if not set(architectures) <= set(_READ_ARCHITECTURES):
-    raise ValueError(f'{file}: architectures {architectures}; read are '
-                     f'{list(_READ_ARCHITECTURES)}')
-  given = [k for k in _OPTIONAL_SIZE_FIELDS if config.get(k) is not None]
-  for key in (*_SIZE_FIELDS, *given):
-    value = config.get(key)
-    values = value if isinstance(value, list) and len(value) == 2 else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-               for v in values):
-      raise ValueError(f'{file}: {key} must be a positive integer, got {value!r}')
-  if not config.get('qkv_bias', True):
-    raise ValueError(f'{file}: qkv_bias is false; our attention always has '
-                     'query/key/value biases')
-  act = config.get('hidden_act', 'gelu')
-  if not isinstance(act, str) or act not in HIDDEN_ACTS:
-    raise ValueError(f'{file}: hidden_act {act!r}; our MLP computes GELU '
-                     f'({sorted(HIDDEN_ACTS)})')
-  eps = config.get('layer_norm_eps', 1e-12)
-  if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-    raise ValueError(f'{file}: layer_norm_eps must be a number, got {eps!r}')
-  if not isinstance(config.get('id2label') or {}, dict):
-    raise ValueError(f"{file}: id2label must map class indices to names, got "
-                     f"{config['id2label']!r}")
-  return config
+  return path.is_dir() and (path / hf_config.CONFIG_FILE).is_file()
 
 
 def read_hf_dir(path: str | epath.PathLike) -> dict[str, np.ndarray]:
   """The flat released-layout params of an HF ViT directory.
 
-  Checks config.json (`read_hf_config`), then every tensor's name, dtype and
+  Checks config.json (`hf_config.read_hf_config`), then every tensor's name, dtype and
   shape against it (from the safetensors header) before reading any; logs
   where the config's numerics differ from a default model of ours (exact
   GELU, LayerNorm eps), which params cannot carry.
   """
   path = epath.Path(path)
-  config = read_hf_config(path)
+  config = hf_config.read_hf_config(path)
   weights = path / WEIGHTS_FILE
   if not weights.exists():
     others = sorted(p.name for p in path.iterdir())
@@ -352,7 +278,7 @@ def read_hf_dir(path: str | epath.PathLike) -> dict[str, np.ndarray]:
   arrays = {_prefixed(k): v for k, v in
             safetensors_file.read_arrays(weights, check).items()}
   heads = config['num_attention_heads']
-  _log_numerics(path, config)
+  hf_config.log_numerics(path, config)
   return {ours: torch_layout.from_torch(kind, arrays[hf], heads)
           for hf, ours, kind in names}
 
@@ -405,14 +331,3 @@ def _torch_shapes(config: Mapping[str, Any], names: Names,
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
   return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def _log_numerics(path: epath.Path, config: Mapping[str, Any]) -> None:
-  if not HIDDEN_ACTS[act := config.get('hidden_act', 'gelu')]:
-    logging.warning('%s: hidden_act %r is GELU\'s exact (erf) form; set '
-                    'model.gelu_approximate=False to compute the same function '
-                    '(ours defaults to the tanh form).', path, act)
-  eps = config.get('layer_norm_eps', 1e-12)
-  if eps != LAYER_NORM_EPS:
-    logging.warning('%s: layer_norm_eps %g; our LayerNorms use %g.', path, eps,
-                    LAYER_NORM_EPS)

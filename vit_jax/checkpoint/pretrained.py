@@ -23,6 +23,7 @@ from etils import epath
 import numpy as np
 
 from vit_jax.checkpoint import hf
+from vit_jax.checkpoint import hf_config
 from vit_jax.checkpoint import npz
 from vit_jax.checkpoint import orbax_state
 from vit_jax.checkpoint import safetensors_file
@@ -358,6 +359,6 @@ def _workdir_source(path: str | epath.PathLike) -> tuple[str, int | None] | None
     return str(path), None
   raise FileNotFoundError(
       f'{path} is a directory without {orbax_state.CHECKPOINT_DIR}/ or '
-      f'{hf.CONFIG_FILE}: a pre-trained checkpoint is an .npz or '
+      f'{hf_config.CONFIG_FILE}: a pre-trained checkpoint is an .npz or '
       '.safetensors file, a workdir, its checkpoints/ directory, '
       'checkpoints/<step>, or a Hugging Face ViT directory.')

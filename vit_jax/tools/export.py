@@ -55,6 +55,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import pruning
 from vit_jax.checkpoint import hf
+from vit_jax.checkpoint import hf_config
 from vit_jax.checkpoint import layouts
 from vit_jax.checkpoint import quantized
 from vit_jax.checkpoint import safetensors_file
@@ -255,8 +256,8 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     hf.check_out_dir(fv.out)  # Before loading anything.
     state = export_hf(_float_model(fv), fv.out)
     size = sum(a.nbytes for a in state.values())
-    print(f'wrote {fv.out}: {hf.CONFIG_FILE}, {hf.WEIGHTS_FILE} ({len(state)} '
-          f'tensors, {size / 2**20:.1f} MiB), {hf.PREPROCESSOR_FILE}')
+    print(f'wrote {fv.out}: {hf_config.CONFIG_FILE}, {hf.WEIGHTS_FILE} ({len(state)} '
+          f'tensors, {size / 2**20:.1f} MiB), {hf_config.PREPROCESSOR_FILE}')
     return
   if fv.checkpoint:
     params, lines = write_npz(
