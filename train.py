@@ -46,7 +46,8 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
 
 def main(argv):
   if len(argv) > 1:
-    raise refusals.UsageError(f'unexpected arguments: {argv[1:]}')
+    sys.exit(refusals.print_refusal(
+        refusals.UsageError(f'unexpected arguments: {argv[1:]}')))
   if refusals.run_refusing(lambda: _train(_CONFIG.value, _WORKDIR.value),
                            sys.argv):
     sys.exit(1)

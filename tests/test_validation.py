@@ -272,6 +272,11 @@ _EXIT_CASES = {
                             r'config file .*bad_config.py, line 2: invalid syntax'),
     'unknown_flag': (['--nosuchflag'], 2, "usage error: Unknown command line "
                      "flag 'nosuchflag'"),
+    'extra_argument': (['extra'], 2, r"usage error: unexpected arguments: "
+                       r"\['extra'\]"),
+    'config_argument_refused': (['--config=configs/cifar.py:bad'], 1,
+                                r'^error: --config=configs/cifar.py: ValueError: '
+                                r".*got 'bad'$"),
     'unknown_dataset': (['--config.dataset=fashon_mnist'], 1,
                         r"unknown dataset 'fashon_mnist': not a TFDS .* Did "
                         r"you mean 'fashion_mnist'"),

@@ -136,6 +136,10 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   try:
     rest = fv(argv)
   except flags.Error as e:
+    if str(e).startswith('flag --config='):  # get_config(arg) refused its arg.
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      raise ConfigError(f'--config={_config_file_arg(argv)}: {lines[-1]}'
+                        ) from None
     raise UsageError(str(e)) from None
   except (KeyError, AttributeError) as e:  # A misspelt --config.KEY.
     flag = _override_named_in(e, argv)
@@ -188,7 +192,9 @@ def agreed_by_all_processes() -> Iterator[None]:
   shares whether (and why) it refused; one that passed raises a ConfigError
   naming the process that refused and its message, so every process exits
   with the same code instead of waiting for the refused one in a barrier.
-  A single-process run just runs the block.
+  A single-process run just runs the block. Only refusals (USER_ERRORS)
+  are shared: a bug on one process (another exception) still leaves the
+  others to JAX's distributed runtime, which ends them when it times out.
   """
   import jax  # pylint: disable=g-import-not-at-top  (after distributed init)
   if jax.process_count() == 1:

@@ -228,6 +228,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         break
   except BaseException:
     manager.wait_until_finished()
+    if best_kept is not None:
+      best_kept.wait()
     raise
 
   # ----------------------------------------------------------------- finish

@@ -125,6 +125,10 @@ class BestCheckpoints:
     return sorted(self.scores.items(), key=lambda kv: kv[1],
                   reverse=self._higher)
 
+  def wait(self) -> None:
+    """Returns once a best step's save in flight is on disk."""
+    self._manager.wait_until_finished()
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

@@ -67,9 +67,11 @@ def _check_file_format(path: str) -> None:
   """Refuses a file that is not what it claims from its headers alone (no
   array data read, nothing unpickled), so a text file named `.npz` or a
   pickled one is refused before anything compiles, not at load time."""
-  if hf.is_hf_dir(path) or _workdir_source(path) is not None:
-    return  # Directories: read (and checked) by load_pretrained.
-  if safetensors_file.is_safetensors(path):
+  if hf.is_hf_dir(path):
+    hf_config.read_hf_config(path)  # Its tensors are checked on load.
+  elif _workdir_source(path) is not None:
+    return  # A workdir: its checkpoints are verified by load_pretrained.
+  elif safetensors_file.is_safetensors(path):
     safetensors_file.tensor_shapes(path)
   else:
     npz.read_npz(path, names=())
