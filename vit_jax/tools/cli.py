@@ -9,12 +9,12 @@ brings the traceback back).
 """
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from absl import flags
-from etils import epath
 
 from vit_jax import refusals
 from vit_jax import startup
@@ -99,8 +99,13 @@ def load_model(fv: flags.FlagValues) -> 'loading.TrainedModel':
 
 def check_output_path(path: str, flag: str) -> None:
   """Refuses an output path whose folder does not exist, before any work."""
-  folder = epath.Path(path).parent  # epath: gs:// outputs are checked too.
-  if not folder.is_dir():
+  if '://' in path:  # gs:// and other URLs: through epath (and TensorFlow).
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    folder, exists = epath.Path(path).parent, epath.Path(path).parent.is_dir()
+  else:  # Local: no epath, which may import TensorFlow (the TF-free tools).
+    folder = os.path.dirname(os.path.abspath(path))
+    exists = os.path.isdir(folder)
+  if not exists:
     raise FileNotFoundError(f'--{flag}={path}: folder {folder} does not exist '
                             '(create it, or write somewhere else)')
 
