@@ -190,7 +190,7 @@ def test_flax_vit_matches_numpy_oracle():
 def test_bfloat16_compute_stays_close_to_float32():
   images = np.random.default_rng(2).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
   f32 = models.create_model('ViT-test_4', 10)
-  bf16 = models.create_model('ViT-test_4', 10, dtype='bfloat16')
+  bf16 = models.create_model('ViT-test_4', 10, precision='bfloat16')
   params = _random_params(f32, images)
   out32 = jax.jit(f32.apply)({'params': params}, images)
   out16 = jax.jit(bf16.apply)({'params': params}, images)

@@ -93,7 +93,7 @@ def test_a_quantized_dense_equals_its_int8_reference():
     ('Mixer-test_4', 16, {}),
     ('GFNet-test', 16, {}),
     ('AFNO-test_4', 16, {}),
-    ('ViT-test_4', 16, dict(dtype='bfloat16', classifier='map')),
+    ('ViT-test_4', 16, dict(precision='bfloat16', classifier='map')),
 ])
 def test_every_family_quantizes_and_stays_close(name, size, kw):
   model = models.create_model(name, 10, **kw)

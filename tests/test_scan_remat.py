@@ -299,7 +299,7 @@ def test_fused_attention_equals_xla_in_float32(unrolled_params, scan):
 def test_bfloat16_scanned_logits_stay_close_to_float32(unrolled_params):
   params = layouts.stack_encoder_blocks(unrolled_params)
   f32 = _logits(_model(scan_layers=True), params)
-  bf16_model = _model(scan_layers=True, dtype='bfloat16', remat_policy='full')
+  bf16_model = _model(scan_layers=True, precision='bfloat16', remat_policy='full')
   bf16 = _logits(bf16_model, params)
   assert bf16.dtype == jnp.float32
   init = jax.eval_shape(bf16_model.init, jax.random.key(0), IMAGES[:1])['params']

@@ -201,7 +201,7 @@ def test_fourier_models_run_in_bfloat16_with_float32_ffts():
   # One Fourier model: both mixers share the float32 FFT in and out.
   for name in ('AFNO-test_4',):
     model32 = models.create_model(name, None, num_layers=1)
-    model16 = models.create_model(name, None, num_layers=1, dtype='bfloat16')
+    model16 = models.create_model(name, None, num_layers=1, precision='bfloat16')
     params = jax.jit(model32.init)(jax.random.key(0), x)['params']
     a = np.asarray(jax.jit(model32.apply)({'params': params}, x))
     b = np.asarray(jax.jit(model16.apply)({'params': params}, x))

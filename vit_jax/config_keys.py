@@ -54,7 +54,13 @@ RENAMED = {
     'keep_checkpoints': 'checkpoint.keep',
     'peak_flops': 'metrics.peak_flops',
     'write_plot': 'metrics.write_plot',
+    # Saved 'float32' and 'bfloat16' mean the same as the policies of that name.
+    'model.dtype': 'model.precision',
 }
+# Why a key moved, where it is not the regrouping.
+_WHY = {'model.dtype': 'a precision policy replaces the dtype: float32, '
+                       'mixed_bf16 (bf16 products, float32 elsewhere) or '
+                       'bfloat16 (all activations bf16)'}
 # Whole sections that moved.
 _RENAMED_SECTIONS = {'lr': 'schedule'}
 _CONFIG_FLAG = re.compile(r'^--?config\.([A-Za-z0-9_.]+)')
@@ -72,8 +78,9 @@ def new_name(old: str) -> str | None:
 
 def _moved_message(old: str, where: str) -> str:
   new = new_name(old)
-  return (f'{where} config.{old} is now config.{new} (keys are grouped by the '
-          'code that reads them; docs/configs.md lists them)')
+  why = _WHY.get(old, 'keys are grouped by the code that reads them; '
+                  'docs/configs.md lists them')
+  return f'{where} config.{old} is now config.{new} ({why})'
 
 
 def check_flags(argv: Sequence[str]) -> None:

@@ -94,6 +94,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           'config.quantization.rules must be a non-empty regex over module '
           f"paths (e.g. '.*'), got {q.rules!r}")
   param_rules.compile_rule('quantization.rules', q.rules)
+  model = config.get('model') or {}  # The quantize tool checks `quantization` alone.
+  require(not (q.qat and model.get('precision') == 'mixed_bf16'),
+          "config.quantization.qat: QAT fake-quantizes the products in int8, "
+          "which model.precision='mixed_bf16' would run in bf16 instead; use "
+          "model.precision='float32' (or 'bfloat16') for a QAT run")
 
 
 def kernel_modules(params: PyTree) -> list[str]:
@@ -156,6 +161,9 @@ def qat_model(model: nn.Module, qcfg: ml_collections.ConfigDict) -> nn.Module:
 def ptq_model(model: nn.Module, qcfg: ml_collections.ConfigDict) -> nn.Module:
   """`model` that runs int8 products on the params `quantize_params` returns."""
   static, qwix = qcfg.activations == 'static', _qwix()
+  if getattr(model, 'precision', 'float32') == 'mixed_bf16':
+    # int8 products replace the bf16 ones; the rest is float32 in both.
+    model = model.clone(precision='float32')
   return qwix.quantize_model(model, qwix.PtqProvider(qwix_rules(qcfg, static=static)))
 
 

@@ -8,15 +8,13 @@ attention probabilities for visualisation and pick the attention kernel, while t
 parameter tree stays exactly the released one.
 """
 
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vit_jax.models import favor
-
-Dtype = Any
+from vit_jax.models.precision import get_policy
 
 # Implementations of the softmax(q k^T / sqrt(d)) v product:
 #   'xla'   : explicit einsum + softmax in float32; sows the attention
@@ -61,7 +59,7 @@ class MultiHeadDotProductAttention(nn.Module):
     head_dim: width of one head; None: hidden // num_heads. A model whose
       pruned heads were dropped (vit_jax.pruning) keeps its heads' width.
     dropout_rate: dropout on the attention probabilities (train only).
-    dtype: compute dtype; parameters stay float32.
+    precision: a precision.POLICIES name; parameters stay float32.
     impl: one of ATTENTION_IMPLS. 'fused' does not sow the attention weights
       (tools that draw them clone the model with impl 'xla'; the params are the
       same) and uses the explicit path when attention dropout is active.
@@ -76,7 +74,7 @@ class MultiHeadDotProductAttention(nn.Module):
   """
   num_heads: int
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
   impl: str = 'xla'
   favor_features: int = 256
   favor_kernel: str = 'positive'
@@ -96,10 +94,12 @@ class MultiHeadDotProductAttention(nn.Module):
     check_attention(self.impl, self.dropout_rate, self.favor_features,
                     self.favor_kernel)
     head_dim = self.head_dim or hidden // self.num_heads
+    policy = get_policy(self.precision)
 
     def projection(name: str) -> nn.DenseGeneral:
       return nn.DenseGeneral(
-          features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
+          features=(self.num_heads, head_dim), axis=-1,
+          dtype=policy.activation_dtype, dot_general=policy.dot_general,
           kernel_init=nn.initializers.xavier_uniform(), name=name)
 
     # [batch, tokens, heads, head_dim]
@@ -119,26 +119,31 @@ class MultiHeadDotProductAttention(nn.Module):
                                   kernel=self.favor_kernel)
     elif self.impl == 'fused' and not use_dropout:
       # Its logits are float32 whatever the inputs: the bias stays float32.
-      out = jax.nn.dot_product_attention(query, key, value, bias=bias)
+      # Products in the policy's dtype (bf16 is what cuDNN's fused kernel takes).
+      out = jax.nn.dot_product_attention(
+          *(x.astype(policy.product_dtype) for x in (query, key, value)),
+          bias=bias).astype(policy.activation_dtype)
     else:
       # Heads-major copies first: XLA's CPU dot emitter is several times slower
       # on the batched products when the head axis sits between tokens and
       # features (docs/benchmarks.md), and a transpose is cheap next to either.
       query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-      scale = 1.0 / jnp.sqrt(head_dim).astype(self.dtype)
-      logits = jnp.einsum('bhqd,bhkd->bhqk', query * scale, key)
+      scale = 1.0 / jnp.sqrt(head_dim).astype(query.dtype)
+      # [b, h, q, d] x [b, h, d, k]: XLA folds the transpose into the product.
+      logits = policy.matmul(query * scale, jnp.swapaxes(key, -1, -2))
       # Softmax in float32: bf16 logits lose too much in the normaliser.
       logits = logits.astype(jnp.float32)
       if bias is not None:
         logits = logits + bias
       weights = jax.nn.softmax(logits, axis=-1)
       self.sow('intermediates', 'attention_weights', weights)
-      weights = weights.astype(self.dtype)
+      weights = weights.astype(policy.activation_dtype)
       if use_dropout:
         weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
-      out = jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, value), 1, 2)
+      out = jnp.swapaxes(policy.matmul(weights, value), 1, 2)
 
     out = nn.DenseGeneral(
-        features=hidden, axis=(-2, -1), dtype=self.dtype,
+        features=hidden, axis=(-2, -1), dtype=policy.activation_dtype,
+        dot_general=policy.dot_general,
         kernel_init=nn.initializers.xavier_uniform(), name='out')(out)
     return (out, key_mean) if return_key_mean else out

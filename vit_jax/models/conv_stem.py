@@ -24,19 +24,18 @@ depth-1 stem keeps the names it always had), `conv_stem/conv_{i}_{j}` and
 """
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
-from vit_jax.models.layers import matmul
-
-Dtype = Any
+from vit_jax.models.precision import get_policy
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def conv3x3(x: jax.Array, kernel: jax.Array, stride: int,
+            precision: str = 'float32') -> jax.Array:
   """SAME 3x3 convolution, [b, h, w, c] x [3, 3, c, o] -> [b, h/stride, w/stride, o].
 
   Computed as nine strided slices and one matmul over their concatenation
@@ -54,7 +53,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
                dx:dx + stride * (out_w - 1) + 1:stride, :]
              for dy in range(3) for dx in range(3)]
   patches = jnp.concatenate(columns, axis=-1)  # [b, h', w', 9 * c], (dy, dx, c) order
-  return matmul(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
+  return get_policy(precision).matmul(
+      patches, kernel.reshape(9 * channels, kernel.shape[-1]))
 
 
 def _out_side(size: int, stride: int) -> int:
@@ -66,7 +66,7 @@ class Conv3x3(nn.Module):
   """`conv3x3` with an `nn.Conv`'s kernel (lecun-normal, no bias)."""
   features: int
   stride: int
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -74,8 +74,9 @@ class Conv3x3(nn.Module):
                         (3, 3, x.shape[-1], self.features))
     # promote_dtype, not astype: int8 quantization (vit_jax.quantization)
     # intercepts it, and conv3x3's matmul, to use the int8 kernel.
-    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    return conv3x3(x, kernel, self.stride)
+    x, kernel = promote_dtype(
+        x, kernel, dtype=get_policy(self.precision).activation_dtype)
+    return conv3x3(x, kernel, self.stride, self.precision)
 
 
 class ConvStem(nn.Module):
@@ -84,21 +85,22 @@ class ConvStem(nn.Module):
   Attributes:
     widths: output channels of each stage, in order.
     depth: 3x3 layers per stage: one at stride 2, then `depth - 1` at stride 1.
-    dtype: compute dtype; parameters stay float32.
+    precision: a precision.POLICIES name; parameters stay float32.
   """
   widths: Sequence[int]
   depth: int = 1
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.depth < 1:
       raise ValueError(f'conv_stem_depth must be >= 1, got {self.depth}')
+    activations = get_policy(self.precision).activation_dtype
     for i, width in enumerate(self.widths):
       for j in range(self.depth):
         suffix = f'{i}_{j}' if j else f'{i}'
-        x = Conv3x3(width, 1 if j else 2, self.dtype, name=f'conv_{suffix}')(x)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f'norm_{suffix}')(x)
+        x = Conv3x3(width, 1 if j else 2, self.precision, name=f'conv_{suffix}')(x)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=activations, name=f'norm_{suffix}')(x)
         x = nn.relu(x)
     return x
 

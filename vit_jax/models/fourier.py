@@ -17,8 +17,9 @@ therefore *be* the grid: there is no cls token, and pooling is gap or map.
   `double_skip` (the reference's default) the block is y = x + AFNO(LN(x)),
   out = y + MLP(LN(y)); without it, out = x + MLP(LN(AFNO(LN(x)))).
 
-FFTs always run in float32 (`jnp.fft.rfft2` refuses bf16): the mixers cast in
-and back out, so the rest of a bf16 model stays bf16.
+FFTs always run in float32 (`jnp.fft.rfft2` refuses bf16), and so do AFNO's
+complex products under every precision policy: the mixers cast in and back out
+to the policy's activation dtype, so the rest of a bf16 model stays bf16.
 
 Module names follow the ViT block (`LayerNorm_0`, `<mixer>_1`, `LayerNorm_2`,
 `MlpBlock_3`) under `Transformer/encoderblock_{i}`, so position-embedding
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 
 from vit_jax.models.layers import DropPath
 from vit_jax.models.layers import MlpBlock
+from vit_jax.models.precision import get_policy
 
 Dtype = Any
 
@@ -82,17 +84,17 @@ def _to_tokens(f: jax.Array, grid: tuple[int, int], dtype: Dtype) -> jax.Array:
 class GlobalFilter(nn.Module):
   """irfft2(rfft2(x) * W): one learned complex weight per frequency and channel."""
   grid: tuple[int, int]
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, grid_h * grid_w, c] -> same shape and dtype `self.dtype`."""
+    """x: [batch, grid_h * grid_w, c] -> same shape, in the policy's activation dtype."""
     gh, gw = self.grid
     weight = self.param('complex_weight', nn.initializers.normal(stddev=0.02),
                         (gh, gw // 2 + 1, x.shape[-1], 2), jnp.float32)
     f = _to_frequencies(x, self.grid)
     return _to_tokens(f * jax.lax.complex(weight[..., 0], weight[..., 1]),
-                      self.grid, self.dtype)
+                      self.grid, get_policy(self.precision).activation_dtype)
 
 
 class AFNO2D(nn.Module):
@@ -108,11 +110,11 @@ class AFNO2D(nn.Module):
   sparsity_threshold: float = 0.01
   hard_thresholding_fraction: float = 1.0
   hidden_size_factor: int = 1
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, grid_h * grid_w, c] -> same shape and dtype `self.dtype`."""
+    """x: [batch, grid_h * grid_w, c] -> same shape, in the policy's activation dtype."""
     hidden = x.shape[-1]
     check_afno(hidden, self.num_blocks, self.hidden_size_factor,
                self.hard_thresholding_fraction, self.sparsity_threshold)
@@ -138,7 +140,8 @@ class AFNO2D(nn.Module):
     f = jax.lax.complex(shrink(f.real), shrink(f.imag)).reshape(
         batch, fh, kept, hidden)
     f = jnp.pad(f, ((0, 0), (0, 0), (0, fw - kept), (0, 0)))
-    return _to_tokens(f, self.grid, self.dtype) + x.astype(self.dtype)
+    activations = get_policy(self.precision).activation_dtype
+    return _to_tokens(f, self.grid, activations) + x.astype(activations)
 
 
 class FourierBlock(nn.Module):
@@ -152,7 +155,7 @@ class FourierBlock(nn.Module):
   grid: tuple[int, int]
   token_mixer: str = 'global_filter'  # or 'afno'
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
   gelu_approximate: bool = True
   afno_num_blocks: int = 8
   afno_sparsity_threshold: float = 0.01
@@ -164,14 +167,15 @@ class FourierBlock(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool,
                drop_path_rate: Any = 0.0) -> jax.Array:
     """inputs: [batch, grid_h * grid_w, hidden] -> same shape."""
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(inputs)
+    activations = get_policy(self.precision).activation_dtype
+    x = nn.LayerNorm(epsilon=1e-6, dtype=activations, name='LayerNorm_0')(inputs)
     if self.token_mixer == 'global_filter':
-      x = GlobalFilter(self.grid, self.dtype, name='GlobalFilter_1')(x)
+      x = GlobalFilter(self.grid, self.precision, name='GlobalFilter_1')(x)
       residual = inputs
     elif self.token_mixer == 'afno':
       x = AFNO2D(self.grid, self.afno_num_blocks, self.afno_sparsity_threshold,
                  self.afno_hard_thresholding_fraction,
-                 self.afno_hidden_size_factor, self.dtype, name='AFNO2D_1')(x)
+                 self.afno_hidden_size_factor, self.precision, name='AFNO2D_1')(x)
       if self.afno_double_skip:
         x = x + inputs
         residual = x
@@ -180,8 +184,8 @@ class FourierBlock(nn.Module):
     else:
       raise ValueError(f'FourierBlock token_mixer {self.token_mixer!r} is not '
                        "'global_filter' or 'afno'")
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype,
+    y = nn.LayerNorm(epsilon=1e-6, dtype=activations, name='LayerNorm_2')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.precision,
                  self.gelu_approximate, name='MlpBlock_3')(
                      y, deterministic=deterministic)
     return residual + DropPath()(y, drop_path_rate, deterministic=deterministic)

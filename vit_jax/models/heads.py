@@ -5,7 +5,6 @@ where the head is built (`MAPHead_0`, big_vision's), so moving the class
 changes no checkpoint.
 """
 
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -13,15 +12,14 @@ import jax.numpy as jnp
 
 from vit_jax.models.attention import MultiHeadDotProductAttention
 from vit_jax.models.layers import MlpBlock
-
-Dtype = Any
+from vit_jax.models.precision import get_policy
 
 
 class MAPHead(nn.Module):
   """Multihead attention pooling: a learned `probe` token attends over all tokens."""
   num_heads: int
   mlp_dim: int
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -30,10 +28,11 @@ class MAPHead(nn.Module):
                        (1, 1, x.shape[-1]))
     probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
+        num_heads=self.num_heads, precision=self.precision,
         name='MultiHeadDotProductAttention_0')(probe, x, deterministic=True,
                                                bias=bias)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype,
+    y = nn.LayerNorm(epsilon=1e-6, dtype=get_policy(self.precision).activation_dtype,
+                     name='LayerNorm_0')(x)
+    x = x + MlpBlock(self.mlp_dim, precision=self.precision,
                      name='MlpBlock_0')(y, deterministic=True)
     return x[:, 0]

@@ -1,5 +1,4 @@
-"""Layers every encoder block shares: the transformer MLP and stochastic depth,
-and the matmul the patch embedding and conv stem compute with."""
+"""Layers every encoder block shares: the transformer MLP and stochastic depth."""
 
 from typing import Any
 
@@ -7,18 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from vit_jax.models.precision import get_policy
 
-
-def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """[..., k] x [k, n] -> [..., n] as one `lax.dot_general`, as nn.Dense does.
-
-  Not `@` or `jnp.dot`: int8 quantization (vit_jax.quantization, qwix)
-  intercepts `lax.dot_general` to run the product on the int8 kernel, and
-  `jnp.dot` would trace it inside its own jit, where static calibration
-  cannot record its statistics.
-  """
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class MlpBlock(nn.Module):
@@ -29,13 +18,15 @@ class MlpBlock(nn.Module):
   """
   mlp_dim: int
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
   gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    policy = get_policy(self.precision)
     dense = lambda features: nn.Dense(
-        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        features, dtype=policy.activation_dtype, dot_general=policy.dot_general,
+        kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     y = nn.gelu(dense(self.mlp_dim)(x), approximate=self.gelu_approximate)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)

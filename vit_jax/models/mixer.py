@@ -5,41 +5,44 @@ channel_mixing}` (each mixing MLP has `Dense_0`, `Dense_1`),
 `pre_head_layer_norm`, `head` (zero-initialised kernel).
 """
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from vit_jax.models.precision import get_policy
 
 
 class MixerMlp(nn.Module):
   """Dense -> tanh-GELU -> Dense back to the input width (flax default inits)."""
   mlp_dim: int
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype)(x))
-    return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
+    policy = get_policy(self.precision)
+    dense = lambda features: nn.Dense(features, dtype=policy.activation_dtype,
+                                      dot_general=policy.dot_general)
+    return dense(x.shape[-1])(nn.gelu(dense(self.mlp_dim)(x)))
 
 
 class MixerBlock(nn.Module):
   """Token mixing across patches, then channel mixing, each pre-LN with a residual."""
   tokens_mlp_dim: int
   channels_mlp_dim: int
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [batch, tokens, channels] -> same shape."""
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
+    activations = get_policy(self.precision).activation_dtype
+    y = nn.LayerNorm(epsilon=1e-6, dtype=activations, name='LayerNorm_0')(x)
     y = jnp.swapaxes(y, 1, 2)
-    y = MixerMlp(self.tokens_mlp_dim, self.dtype, name='token_mixing')(y)
+    y = MixerMlp(self.tokens_mlp_dim, self.precision, name='token_mixing')(y)
     x = x + jnp.swapaxes(y, 1, 2)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
-    return x + MixerMlp(self.channels_mlp_dim, self.dtype, name='channel_mixing')(y)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=activations, name='LayerNorm_1')(x)
+    return x + MixerMlp(self.channels_mlp_dim, self.precision, name='channel_mixing')(y)
 
 
 class MlpMixer(nn.Module):
@@ -50,7 +53,7 @@ class MlpMixer(nn.Module):
   num_layers: int
   tokens_mlp_dim: int
   channels_mlp_dim: int
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -59,15 +62,20 @@ class MlpMixer(nn.Module):
     if images.shape[1] % ph or images.shape[2] % pw:
       raise ValueError(f'image size {images.shape[1:3]} is not divisible by the '
                        f'patch size {tuple(self.patch_size)}')
+    policy = get_policy(self.precision)
     x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID',
-                dtype=self.dtype, name='stem')(images.astype(self.dtype))
+                dtype=policy.activation_dtype,
+                conv_general_dilated=policy.conv_general_dilated,
+                name='stem')(images.astype(policy.activation_dtype))
     x = x.reshape(x.shape[0], -1, x.shape[-1])
     for i in range(self.num_layers):
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dtype,
+      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.precision,
                      name=f'MixerBlock_{i}')(x)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='pre_head_layer_norm')(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=policy.activation_dtype,
+                     name='pre_head_layer_norm')(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes is not None:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+      x = nn.Dense(self.num_classes, dtype=policy.activation_dtype,
+                   dot_general=policy.dot_general, name='head',
                    kernel_init=nn.initializers.zeros)(x)
     return x.astype(jnp.float32)

@@ -2,7 +2,7 @@
 
 Variants are data, the model classes stay generic: `get_model_config('ViT-B_16')`
 gives the paper's hyperparameters and `create_model` turns any such config (plus
-overrides such as `classifier='gap'` or `dtype='bfloat16'`) into a Module.
+overrides such as `classifier='gap'` or `precision='mixed_bf16'`) into a Module.
 
 ViT configs also carry two compile-time switches that keep the numerics:
 `scan_layers` (encoder blocks as one nn.scan, stacked params) and
@@ -17,13 +17,14 @@ import difflib
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax.numpy as jnp
 import ml_collections
 
 from vit_jax.config_checks import ConfigError
 from vit_jax.models import head_counts
 from vit_jax.models.conv_stem import conv_stem_grid
 from vit_jax.models.mixer import MlpMixer
+from vit_jax.models.precision import POLICIES
+from vit_jax.models.precision import get_policy
 from vit_jax.models.resnet import stem_stride
 from vit_jax.models.tome import merge_schedule
 from vit_jax.models.vit import VisionTransformer
@@ -67,7 +68,6 @@ _GFNET_SIZES = {'Ti': (256, 12, 0.0), 'XS': (384, 12, 0.0),
 # AFNO mixing in place of attention (Guibas et al. 2022) at these ViT sizes.
 _AFNO_SIZES = {'Ti': 16, 'S': 16, 'B': 16, 'test': 4}
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 def _register(name: str, make: Callable[[], ml_collections.ConfigDict]) -> None:
@@ -80,7 +80,7 @@ def _vit_config(name: str, size: str, patch: int, **extra) -> ml_collections.Con
       name=name, model_type='vit', patch_size=(patch, patch), hidden_size=hidden,
       num_layers=layers, num_heads=heads, mlp_dim=mlp, dropout_rate=0.0,
       attention_dropout_rate=0.0, stochastic_depth=0.0, classifier='token',
-      posemb='learn', head_bias_init=0.0, dtype='float32', attention_impl='xla',
+      posemb='learn', head_bias_init=0.0, precision='float32', attention_impl='xla',
       scan_layers=False, remat_policy='none', conv_stem=(),
       conv_stem_depth=1, token_mixer='attention', gelu_approximate=True,
       favor_features=256, favor_kernel='positive', favor_seed=0,
@@ -112,7 +112,7 @@ def _mixer_config(name: str, size: str, patch: int) -> ml_collections.ConfigDict
   return ml_collections.ConfigDict(dict(
       name=name, model_type='mixer', patch_size=(patch, patch), hidden_size=hidden,
       num_layers=layers, tokens_mlp_dim=tokens, channels_mlp_dim=channels,
-      dtype='float32'))
+      precision='float32'))
 
 
 def _register_all() -> None:
@@ -198,7 +198,11 @@ def _resolve(name_or_config: str | ml_collections.ConfigDict,
   unknown = sorted(set(overrides) - set(config))
   if unknown:
     hint = ''
-    if config.model_type == 'mixer' and 'tome_r' in unknown:
+    if 'dtype' in unknown:
+      hint = (' (model.dtype was replaced by model.precision: one of '
+              f'{", ".join(POLICIES)}; mixed_bf16 is bf16 products with '
+              'float32 elsewhere, bfloat16 what model.dtype=bfloat16 was)')
+    elif config.model_type == 'mixer' and 'tome_r' in unknown:
       hint = (' (an MLP-Mixer cannot merge tokens: its token-mixing MLPs are '
               'sized to a fixed token count, and there are no attention keys '
               'to match on; tome_r needs a ViT)')
@@ -218,17 +222,15 @@ def create_model(name_or_config: str | ml_collections.ConfigDict,
     name_or_config: a registered name ('ViT-B_16'), a registry ConfigDict, or a
       training config's `model` section (`name` plus override keys).
     num_classes: size of the zero-initialised `head`; None returns features.
-    **overrides: fields to change, e.g. `classifier='gap'`, `dtype='bfloat16'`,
+    **overrides: fields to change, e.g. `classifier='gap'`, `precision='mixed_bf16'`,
       `scan_layers=True`, `remat_policy='dots_saveable'`.
 
   Raises:
-    ValueError: unknown name, override, dtype or remat policy.
+    ValueError: unknown name, override, precision policy or remat policy.
   """
   config = _resolve(name_or_config, overrides)
-  if config.dtype not in _DTYPES:
-    raise ValueError(f'dtype {config.dtype!r} not in {sorted(_DTYPES)}')
+  get_policy(config.precision)  # Raises for an unknown policy.
   kwargs = {k: v for k, v in config.items() if k not in ('name', 'model_type')}
-  kwargs['dtype'] = _DTYPES[config.dtype]
   kwargs['patch_size'] = tuple(config.patch_size)
   if config.model_type == 'mixer':
     return MlpMixer(num_classes=num_classes, **kwargs)

@@ -6,13 +6,14 @@ groups (eps 1e-6), as in BiT; names follow the released hybrid checkpoints:
 `block{n}/unit{m}/{gn1,gn2,gn3,gn_proj}`.
 """
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from vit_jax.models.precision import Policy
+from vit_jax.models.precision import get_policy
 
 
 class StdConv(nn.Conv):
@@ -28,18 +29,27 @@ class StdConv(nn.Conv):
     return value
 
 
+def std_conv(features: int, kernel: tuple[int, int], strides: tuple[int, int],
+             policy: Policy, name: str | None) -> StdConv:
+  """A bias-free StdConv computing in `policy`."""
+  return StdConv(features, kernel, strides, use_bias=False,
+                 dtype=policy.activation_dtype,
+                 conv_general_dilated=policy.conv_general_dilated, name=name)
+
+
 class ResidualUnit(nn.Module):
   """Bottleneck unit: 1x1 -> 3x3 (strided) -> 1x1 (x4), with a projection shortcut."""
   features: int
   strides: tuple[int, int] = (1, 1)
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda features, kernel, strides=(1, 1), name=None: StdConv(
-        features, kernel, strides, use_bias=False, dtype=self.dtype, name=name)
+    policy = get_policy(self.precision)
+    conv = lambda features, kernel, strides=(1, 1), name=None: std_conv(
+        features, kernel, strides, policy, name)
     norm = lambda name, **kw: nn.GroupNorm(
-        num_groups=32, epsilon=1e-6, dtype=self.dtype, name=name, **kw)
+        num_groups=32, epsilon=1e-6, dtype=policy.activation_dtype, name=name, **kw)
 
     residual = x
     if x.shape[-1] != self.features * 4 or self.strides != (1, 1):
@@ -59,18 +69,18 @@ class ResNetStage(nn.Module):
   block_size: int
   features: int
   first_stride: tuple[int, int]
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = ResidualUnit(self.features, self.first_stride, self.dtype, name='unit1')(x)
+    x = ResidualUnit(self.features, self.first_stride, self.precision, name='unit1')(x)
     for i in range(1, self.block_size):
-      x = ResidualUnit(self.features, (1, 1), self.dtype, name=f'unit{i + 1}')(x)
+      x = ResidualUnit(self.features, (1, 1), self.precision, name=f'unit{i + 1}')(x)
     return x
 
 
 def resnet_stem(x: jax.Array, num_layers: Sequence[int], width_factor: float = 1,
-                dtype: Dtype = jnp.float32) -> jax.Array:
+                precision: str = 'float32') -> jax.Array:
   """Root conv (7x7/2) + max-pool (3x3/2) + stages; stride 4 * 2**(stages - 1).
 
   A function, not a Module: called inside the ViT's compact `__call__`, its
@@ -78,14 +88,15 @@ def resnet_stem(x: jax.Array, num_layers: Sequence[int], width_factor: float = 1
   the tree (`conv_root`, `block1`, ...) exactly as in the released hybrid files.
   """
   width = int(64 * width_factor)
-  x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=dtype,
-              name='conv_root')(x)
-  x = nn.relu(nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype,
+  policy = get_policy(precision)
+  x = std_conv(width, (7, 7), (2, 2), policy, 'conv_root')(x)
+  x = nn.relu(nn.GroupNorm(num_groups=32, epsilon=1e-6,
+                           dtype=policy.activation_dtype,
                            name='gn_root')(x))
   x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
   for i, block_size in enumerate(num_layers):
     x = ResNetStage(block_size, width * 2**i, (1, 1) if i == 0 else (2, 2),
-                    dtype, name=f'block{i + 1}')(x)
+                    precision, name=f'block{i + 1}')(x)
   return x
 
 

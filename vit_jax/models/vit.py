@@ -34,12 +34,11 @@ from vit_jax.models.heads import MAPHead
 from vit_jax.models.conv_stem import ConvStem
 from vit_jax.models.layers import DropPath
 from vit_jax.models.layers import MlpBlock
-from vit_jax.models.layers import matmul
+from vit_jax.models.precision import get_policy
 from vit_jax.models.resnet import resnet_stem
 from vit_jax.models import head_counts
 from vit_jax.models import tome
 
-Dtype = Any
 
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 POSEMBS = ('learn', 'sincos2d')
@@ -114,7 +113,7 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
   attention_impl: str = 'xla'
   favor_features: int = 256
   favor_kernel: str = 'positive'
@@ -130,10 +129,11 @@ class Encoder1DBlock(nn.Module):
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """inputs: [batch, tokens, hidden] -> same shape; given sizes [batch, tokens,
     1] (ToMe), merges tome_r tokens before the MLP and returns (x, size)."""
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(inputs)
+    activations = get_policy(self.precision).activation_dtype
+    x = nn.LayerNorm(epsilon=1e-6, dtype=activations, name='LayerNorm_0')(inputs)
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-        dtype=self.dtype, impl=self.attention_impl, head_dim=self.head_dim,
+        precision=self.precision, impl=self.attention_impl, head_dim=self.head_dim,
         favor_features=self.favor_features, favor_kernel=self.favor_kernel,
         favor_seed=self.favor_seed, name='MultiHeadDotProductAttention_1')(
             x, x, deterministic=deterministic, return_key_mean=size is not None,
@@ -144,8 +144,8 @@ class Encoder1DBlock(nn.Module):
     if size is not None:
       x, size = tome.merge_tokens(x, size, keys, self.tome_r, self.num_prefix)
 
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype,
+    y = nn.LayerNorm(epsilon=1e-6, dtype=activations, name='LayerNorm_2')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.precision,
                  self.gelu_approximate, name='MlpBlock_3')(
                      y, deterministic=deterministic)
     x = x + DropPath()(y, drop_path_rate, deterministic=deterministic)
@@ -172,7 +172,7 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   posemb: str = 'learn'
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
   scan_layers: bool = False
   remat_policy: str = 'none'
   token_mixer: str = 'attention'
@@ -198,7 +198,7 @@ class Encoder(nn.Module):
     traced_rates = self.scan_layers and self.stochastic_depth > 0
     block = self._block_class(static_rate=not traced_rates)
     config = dict(self.block_options or {}, mlp_dim=self.mlp_dim,
-                  dropout_rate=self.dropout_rate, dtype=self.dtype)
+                  dropout_rate=self.dropout_rate, precision=self.precision)
     tome_r = config.pop('tome_r', 0)
     size = jnp.ones(x.shape[:2] + (1,), jnp.float32) if tome_r else None
     if self.token_mixer != 'attention':
@@ -222,7 +222,8 @@ class Encoder(nn.Module):
           x = layer(x, deterministic, rate)
         else:
           x, size = layer(x, deterministic, rate, size)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=get_policy(self.precision).activation_dtype,
+                     name='encoder_norm')(x)
     return x if size is None else (x, size)
 
   def _block_class(self, *, static_rate: bool) -> type[nn.Module]:
@@ -250,7 +251,7 @@ class PatchEmbedding(nn.Module):
   """
   hidden_size: int
   patch_size: tuple[int, int]
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -265,9 +266,11 @@ class PatchEmbedding(nn.Module):
         batch, gh, gw, ph * pw * channels)
     # promote_dtype, not astype: int8 quantization (vit_jax.quantization)
     # intercepts it, and the matmul, to use the int8 kernel.
-    patches, kernel, bias = promote_dtype(patches, kernel, bias, dtype=self.dtype)
+    policy = get_policy(self.precision)
+    patches, kernel, bias = promote_dtype(patches, kernel, bias,
+                                          dtype=policy.activation_dtype)
     kernel = kernel.reshape(ph * pw * channels, self.hidden_size)
-    return matmul(patches, kernel) + bias
+    return policy.matmul(patches, kernel) + bias
 
 
 class VisionTransformer(nn.Module):
@@ -293,7 +296,7 @@ class VisionTransformer(nn.Module):
   resnet: Any | None = None  # resnet_stem kwargs: num_layers, width_factor.
   conv_stem: Sequence[int] = ()      # ConvStem widths (3x3/2 convs); () = none.
   conv_stem_depth: int = 1           # 3x3 layers per ConvStem stage (1 at stride 2).
-  dtype: Dtype = jnp.float32
+  precision: str = 'float32'  # A precision.POLICIES name.
   attention_impl: str = 'xla'
   scan_layers: bool = False          # Encoder blocks as one nn.scan (see Encoder).
   remat_policy: str = 'none'         # One of REMAT_POLICIES.
@@ -317,11 +320,12 @@ class VisionTransformer(nn.Module):
     if self.resnet is not None and self.conv_stem:
       raise ValueError('a ViT takes a resnet stem or a conv_stem, not both')
     check_mixer(self)
-    x = images.astype(self.dtype)
+    policy = get_policy(self.precision)
+    x = images.astype(policy.activation_dtype)
     if self.resnet is not None:
-      x = resnet_stem(x, **dict(self.resnet), dtype=self.dtype)
+      x = resnet_stem(x, **dict(self.resnet), precision=self.precision)
     if self.conv_stem:
-      x = ConvStem(tuple(self.conv_stem), self.conv_stem_depth, self.dtype,
+      x = ConvStem(tuple(self.conv_stem), self.conv_stem_depth, self.precision,
                    name='conv_stem')(x)
     ph, pw = self.patch_size
     if x.shape[1] % ph or x.shape[2] % pw:
@@ -330,7 +334,7 @@ class VisionTransformer(nn.Module):
       raise ValueError(
           f'image size {tuple(images.shape[1:3])}{stem} is not divisible by the '
           f'patch size {tuple(self.patch_size)}')
-    x = PatchEmbedding(self.hidden_size, (ph, pw), self.dtype,
+    x = PatchEmbedding(self.hidden_size, (ph, pw), self.precision,
                        name='embedding')(x)
     batch, gh, gw, hidden = x.shape
     x = x.reshape(batch, gh * gw, hidden)
@@ -345,7 +349,7 @@ class VisionTransformer(nn.Module):
         num_layers=self.num_layers, mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate,
         stochastic_depth=self.stochastic_depth, posemb=self.posemb,
-        dtype=self.dtype, scan_layers=self.scan_layers,
+        precision=self.precision, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, token_mixer=self.token_mixer,
         block_options=block_options(self), name='Transformer')(x, grid=(gh, gw), num_prefix=num_prefix,
                             deterministic=not train)
@@ -356,14 +360,15 @@ class VisionTransformer(nn.Module):
     elif self.classifier == 'gap':
       x = jnp.mean(x, axis=1) if size is None else tome.weighted_mean(x, size)
     elif self.classifier == 'map':
-      x = MAPHead(head_counts.pooling_heads(self), self.mlp_dim, self.dtype,
+      x = MAPHead(head_counts.pooling_heads(self), self.mlp_dim, self.precision,
                   name='MAPHead_0')(x, None if size is None else tome.size_bias(size))
 
     if self.representation_size is not None:
-      x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
-                           name='pre_logits')(x))
+      x = nn.tanh(nn.Dense(self.representation_size, dtype=policy.activation_dtype,
+                           dot_general=policy.dot_general, name='pre_logits')(x))
     if self.num_classes is not None:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+      x = nn.Dense(self.num_classes, dtype=policy.activation_dtype,
+                   dot_general=policy.dot_general, name='head',
                    kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init))(x)
     return x.astype(jnp.float32)
@@ -385,7 +390,7 @@ def check_mixer(vit: Any) -> None:
 
 def block_options(vit: Any) -> dict[str, Any]:
   """Fields of the encoder block that `vit.token_mixer` selects, beyond the
-  ones every block takes (mlp_dim, dropout_rate, dtype)."""
+  ones every block takes (mlp_dim, dropout_rate, precision)."""
   options = dict(gelu_approximate=vit.gelu_approximate)
   if vit.token_mixer == 'attention':
     options.update(

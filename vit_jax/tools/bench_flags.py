@@ -6,14 +6,15 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
+from vit_jax.models.precision import POLICIES
 from vit_jax.tools import bench_mixers
 from vit_jax.tools import bench_quantized
 from vit_jax.tools import bench_tome
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODES = ('train', 'infer')
-COMPARE = ('', 'timm')
-DTYPES = ('float32', 'bfloat16')
+# Peers: timm eager, and timm's model under torch.compile (inductor).
+COMPARE = ('timm', 'timm_compile')
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -33,13 +34,17 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                        flag_values=fv)
   flags.DEFINE_integer('num_classes', 1000, 'Head size (quickstart: 10; '
                        "--pipeline: the dataset's).", flag_values=fv)
-  flags.DEFINE_enum('dtype', 'float32', DTYPES, 'Model compute dtype (timm: '
-                    'torch.autocast for bfloat16).', flag_values=fv)
+  flags.DEFINE_enum('precision', 'float32', POLICIES, 'Precision policy '
+                    '(vit_jax/models/precision.py); timm runs under '
+                    'torch.autocast(bfloat16) for mixed_bf16 and bfloat16.',
+                    flag_values=fv)
+  flags.DEFINE_string('dtype', None, 'Replaced by --precision.', flag_values=fv)
   flags.DEFINE_integer('steps', 3, 'Steps per timed run.', flag_values=fv)
   flags.DEFINE_integer('repeats', 5, 'Timed runs (rounds); the median is '
                        'reported.', flag_values=fv)
   flags.DEFINE_integer('warmup', 2, 'Untimed steps first.', flag_values=fv)
-  flags.DEFINE_enum('compare', '', COMPARE, 'Also time timm, interleaved.',
+  flags.DEFINE_list('compare', [], 'Also time these peers, interleaved: timm '
+                    '(eager), timm_compile (torch.compile), or both.',
                     flag_values=fv)
   flags.DEFINE_bool('pipeline', False, "Time --config's input pipeline "
                     'against the train step.', flag_values=fv)
@@ -56,7 +61,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                       'its model in int8 and in float32, interleaved '
                       '(inference).', flag_values=fv)
   flags.DEFINE_enum('sweep', '', ('', 'mixers'), "'mixers': sweep the token "
-                    'mixers instead of timing one step; reads --dtype, '
+                    'mixers instead of timing one step; reads --precision, '
                     '--num_classes and --config (train optimizer) too.',
                     flag_values=fv)
   flags.DEFINE_string('sweep_json', None, 'Write the sweep here (rewritten '
@@ -96,6 +101,15 @@ def check_flags(fv: flags.FlagValues) -> None:
                     ('pipeline_jpegs', 0)):
     if fv[name].value < low:
       raise ValueError(f'--{name} must be >= {low}, got {fv[name].value}.')
+  if fv.dtype is not None:
+    raise ValueError(f'--dtype was replaced by --precision (one of '
+                     f'{", ".join(POLICIES)}; --dtype=bfloat16 is now '
+                     '--precision=bfloat16, and --precision=mixed_bf16 runs the '
+                     'products in bf16 and the rest in float32).')
+  unknown = sorted(set(fv.compare) - set(COMPARE))
+  if unknown:
+    raise ValueError(f'--compare: unknown peer(s) {unknown}; choose from '
+                     f'{", ".join(COMPARE)}.')
   if fv.pipeline_jpegs and not fv.pipeline:
     raise ValueError('--pipeline_jpegs needs --pipeline.')
   if fv.pipeline and fv.compare:

@@ -46,6 +46,7 @@ from vit_jax import parallel
 from vit_jax import steps
 from vit_jax.models import fourier
 from vit_jax.models import vit
+from vit_jax.models.precision import get_policy
 from vit_jax.tools import bench_mixers_report as mixers_report
 from vit_jax.tools import bench_timing
 from vit_jax.tools import cli
@@ -99,7 +100,7 @@ def make_points(fv: flags.FlagValues) -> list[dict[str, Any]]:
         name, overrides = family[mixer]
         for value in values[kind]:
           point = dict(kind=kind, mixer=mixer, mode=mode, model=name,
-                       overrides=overrides, dtype=fv.dtype,
+                       overrides=overrides, precision=fv.precision,
                        steps=fv.sweep_steps, repeats=fv.sweep_repeats)
           if kind == 'block':
             point.update(tokens=value, batch=fv.sweep_batch, overrides=dict(
@@ -132,7 +133,7 @@ def _build_block(point: dict[str, Any]) -> tuple[Any, tuple[Any, ...], Any]:
   config.update(point['overrides'])
   vit.check_mixer(config)
   kwargs = dict(vit.block_options(config), mlp_dim=config.mlp_dim,
-                dropout_rate=config.dropout_rate, dtype=jnp.dtype(point['dtype']))
+                dropout_rate=config.dropout_rate, precision=point['precision'])
   if config.token_mixer == 'attention':
     block = vit.Encoder1DBlock(**kwargs)
   else:
@@ -141,7 +142,7 @@ def _build_block(point: dict[str, Any]) -> tuple[Any, tuple[Any, ...], Any]:
                                  token_mixer=config.token_mixer, **kwargs)
   key = jax.random.key(0)
   x = jax.random.normal(key, (point['batch'], point['tokens'], config.hidden_size)
-                        ).astype(point['dtype'])
+                        ).astype(get_policy(point['precision']).activation_dtype)
   params = _init(lambda: block.init(key, x, True)['params'])
   if point['mode'] == 'infer':
     return (lambda p, x: block.apply({'params': p}, x, True)), (params, x), params
@@ -156,7 +157,7 @@ def _build_block(point: dict[str, Any]) -> tuple[Any, tuple[Any, ...], Any]:
 def _build_model(point: dict[str, Any]) -> tuple[Any, tuple[Any, ...], Any]:
   """(jitted function, its arguments, params) of a full-model point."""
   model = models.create_model(point['model'], point['num_classes'],
-                              dtype=point['dtype'], **point['overrides'])
+                              precision=point['precision'], **point['overrides'])
   size, batch, classes = point['image_size'], point['batch'], point['num_classes']
   shape = (size, size, 3)
   mesh = parallel.make_mesh(1)
@@ -268,7 +269,7 @@ def sweep(fv: flags.FlagValues) -> dict[str, Any]:
   """Runs every point, each in a subprocess unless --sweep_in_process."""
   points = make_points(fv)
   result = dict(sweep='mixers', family=fv.sweep_family, cpu=bench_timing.cpu_name(),
-                backend=None, device_kind=None, dtype=fv.dtype,
+                backend=None, device_kind=None, precision=fv.precision,
                 block_shape=FAMILIES[fv.sweep_family][0],
                 block_batch=fv.sweep_batch, model_batch=fv.sweep_model_batch,
                 min_steps=fv.sweep_steps, repeats=fv.sweep_repeats,

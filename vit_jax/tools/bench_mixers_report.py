@@ -67,7 +67,7 @@ def format_report(result: dict[str, Any]) -> str:
   """The sweep's tables; the JSON holds everything."""
   hidden, mlp, heads = result['block_shape']
   lines = [f"token mixers on {result['cpu']} ({result['backend']}, "
-           f"{result['dtype']}): img/s and peak memory by token count"]
+           f"{result['precision']}): img/s and peak memory by token count"]
   titles = {'block': f'one block (hidden {hidden}, MLP {mlp}, {heads} heads), '
                      f"batch {result['block_batch']}",
             'model': f"full models, batch {result['model_batch']}"}

@@ -44,8 +44,9 @@ def check_flags(fv: flags.FlagValues) -> None:
   if fv.mode != 'infer' and fv['mode'].present:
     raise ValueError('--quantized times inference (an int8 file has no '
                      'optimizer state to train); drop --mode.')
-  if fv.dtype != 'float32':
-    raise ValueError('--quantized compares with the float32 model; drop --dtype.')
+  if fv.precision != 'float32':
+    raise ValueError('--quantized compares with the float32 model; drop '
+                     '--precision.')
   if not os.path.isfile(fv.quantized):
     raise ValueError(f'--quantized: no file {fv.quantized}')
   if not quantized.is_quantized(fv.quantized):

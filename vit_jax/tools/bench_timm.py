@@ -4,12 +4,24 @@ Builds timm's VisionTransformer with our model's shape (hidden, depth, heads,
 MLP width, patch, classifier, tanh GELU) and a torch step doing the same work
 as ours: train = forward + cross-entropy + backward + clipping + the config's
 optimizer (AdamW with decay on weight matrices, as our `wd_mask`); infer =
-forward under torch.inference_mode. torch and timm are an optional extra
+forward under torch.inference_mode. Our float32 policy meets timm in float32;
+mixed_bf16 and bfloat16 meet it under `torch.autocast(bfloat16)` (float32
+weights and optimizer, bf16 products: timm's own mixed precision). The
+`timm_compile` peer is the same step with the model under `torch.compile`
+(inductor), compiled before it is timed. torch and timm are an optional extra
 (requirements-bench.txt), imported only here.
+
+`device` is where timm runs: 'cpu' (the default, benchmark.py's) or 'cuda'
+(vit_jax.tools.gpu_benchmark): model, batch and autocast on that device, and
+each run waits for the GPU's queued kernels before it returns, as our runs
+wait for theirs. `grad_checkpointing` recomputes each block in the backward
+pass (timm's own switch), what gpu_benchmark falls back to when timm's step
+does not fit in the memory that our step left.
 """
 
 import importlib.util
 import sys
+import time
 from typing import Any, Callable
 
 import ml_collections
@@ -22,6 +34,7 @@ _TIMM_NAMES = {192: 'vit_tiny_patch16_224', 384: 'vit_small_patch16_224',
 _POOLS = {'token': 'token', 'gap': 'avg'}
 _SHAPE_ARGS = ('img_size', 'in_chans', 'patch_size', 'embed_dim', 'depth',
                'num_heads', 'mlp_ratio', 'global_pool', 'num_classes')
+DEVICES = ('cpu', 'cuda')
 
 
 def check_installed() -> None:
@@ -113,19 +126,35 @@ def _optimizer(torch, model, config: ml_collections.ConfigDict):
 
 def build_timm_step(fields: ml_collections.ConfigDict, mode: str, batch: int,
                     shape: tuple[int, int, int], num_classes: int,
-                    config: ml_collections.ConfigDict, dtype: str
+                    config: ml_collections.ConfigDict, precision: str,
+                    compiled: bool = False, device: str = 'cpu',
+                    grad_checkpointing: bool = False
                     ) -> tuple[Callable[[int], int], dict[str, Any]]:
-  """run(n) doing n torch steps, and facts (timm_model, params, threads)."""
+  """run(n) doing n torch steps on `device`, and facts (timm_model, params,
+  threads, timm_precision; timm_compile_s for the compiled peer)."""
+  if device not in DEVICES:
+    raise ValueError(f'timm device {device!r} not in {DEVICES}')
   name, kwargs = timm_kwargs(fields, shape, num_classes)  # Refuses before torch.
   torch, timm = _import_torch_timm()
-  model = timm.create_model(name, **kwargs)
+  if device == 'cuda' and not torch.cuda.is_available():
+    raise ValueError("timm device 'cuda': torch sees no CUDA GPU (a CPU-only "
+                     "torch build, or no GPU visible); use device 'cpu'")
+  model = timm.create_model(name, **kwargs).to(device)
+  if grad_checkpointing:
+    model.set_grad_checkpointing(True)
+  forward = torch.compile(model) if compiled else model
   rng = np.random.default_rng(0)
   size, _, channels = shape
   images = torch.from_numpy(  # NCHW, as torch convolutions expect.
-      rng.uniform(-1, 1, (batch, channels, size, size)).astype(np.float32))
-  labels = torch.from_numpy(rng.integers(0, num_classes, batch).astype(np.int64))
-  autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16,
-                                    enabled=dtype == 'bfloat16')
+      rng.uniform(-1, 1, (batch, channels, size, size)).astype(np.float32)
+  ).to(device)
+  labels = torch.from_numpy(
+      rng.integers(0, num_classes, batch).astype(np.int64)).to(device)
+  use_autocast = precision != 'float32'
+  autocast = lambda: torch.autocast(device, dtype=torch.bfloat16,
+                                    enabled=use_autocast)
+  # CUDA kernels run queued behind the Python loop: wait for all of them.
+  synchronize = torch.cuda.synchronize if device == 'cuda' else lambda: None
   clip = float(config.optim.grad_clip_norm)
   smoothing = float(config.train.label_smoothing)
 
@@ -137,7 +166,7 @@ def build_timm_step(fields: ml_collections.ConfigDict, mode: str, batch: int,
       for _ in range(n):
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-          logits = model(images)
+          logits = forward(images)
         loss = torch.nn.functional.cross_entropy(
             logits.float(), labels, label_smoothing=smoothing)
         loss.backward()
@@ -145,6 +174,7 @@ def build_timm_step(fields: ml_collections.ConfigDict, mode: str, batch: int,
           torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
       loss.item()  # Synchronises (a no-op on CPU, where torch is eager).
+      synchronize()  # The optimizer's kernels, queued after the loss.
       return n
   else:
     model.eval()
@@ -152,11 +182,18 @@ def build_timm_step(fields: ml_collections.ConfigDict, mode: str, batch: int,
     def run(n: int) -> int:
       with torch.inference_mode(), autocast():
         for _ in range(n):
-          out = model(images)
+          out = forward(images)
       out.float().sum().item()
+      synchronize()
       return n
 
+  facts = {}
+  if compiled:  # Compiling (forward and backward graphs) is not timed.
+    start = time.perf_counter()
+    run(1)
+    facts['timm_compile_s'] = time.perf_counter() - start
   return run, {
+      **facts, 'timm_precision': 'autocast_bf16' if use_autocast else 'float32',
       'timm_model': f'{name}(' + ', '.join(  # The name alone hides overrides.
           f'{k}={kwargs[k]}' for k in _SHAPE_ARGS) + ')',
       'timm_version': timm.__version__,

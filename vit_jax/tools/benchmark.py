@@ -25,7 +25,11 @@ every model: the default config's 2 splits a CPU host into two devices
 `--compare=timm` builds the same shape in timm (PyTorch, needs
 requirements-bench.txt) and interleaves the runs, [ours, timm] x repeats,
 because a shared machine's speed drifts over minutes: `ratio_vs_timm` is the
-median of the per-round ratios, the number to trust. `--pipeline` times
+median of the per-round ratios, the number to trust. `--compare=timm,timm_compile`
+adds timm's model under `torch.compile` as a second peer (`ratio_vs_timm_compile`).
+`--precision` picks our policy (vit_jax/models/precision.py); timm then runs in
+the matching precision: float32, or `torch.autocast('cpu'/'cuda', bfloat16)`
+for mixed_bf16 and bfloat16 (`timm_precision` in the JSON). `--pipeline` times
 data.train_iterator for --config (images/s of host batches) interleaved with
 the train step of the same shape; `pipeline_over_step` should be >= 5 so the
 input never starves the step. `--pipeline_jpegs=N` first writes N random JPEGs
@@ -59,6 +63,7 @@ from vit_jax import models
 from vit_jax import parallel
 from vit_jax import run_setup
 from vit_jax import steps
+from vit_jax.models import precision
 from vit_jax.tools import bench_flags
 from vit_jax.tools import bench_mixers
 from vit_jax.tools import bench_quantized
@@ -105,14 +110,14 @@ def resolve_shape(fv: flags.FlagValues, num_classes: int | None = None
   return model, (size, size, channels), classes
 
 
-def model_fields(model: Any, dtype: str) -> ml_collections.ConfigDict:
+def model_fields(model: Any, precision_name: str) -> ml_collections.ConfigDict:
   """The resolved hyperparameters (hidden_size, num_layers, ...) of `model`."""
   if isinstance(model, str):
     fields = models.get_model_config(model)
   else:
     fields = models.get_model_config(model.name)
     fields.update({k: v for k, v in model.items() if k != 'name' and v is not None})
-  fields.dtype = dtype
+  fields.precision = precision_name
   return fields
 
 
@@ -187,7 +192,8 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
   """Builds, times and reports what the flags ask for."""
   bench_flags.check_flags(fv)
   run_setup.check_config(fv.config)
-  if fv.compare == 'timm':
+  precision.check_backend(fv.precision, jax.default_backend())
+  if fv.compare:
     bench_timm.check_installed()
   config = fv.config
   runs: dict[str, Run] = {}
@@ -209,8 +215,8 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
       model, shape, num_classes = bench_quantized.float_model(fv.quantized)
     else:
       model, shape, num_classes = resolve_shape(fv, num_classes)
-    fields = model_fields(model, fv.dtype)
-    if fv.compare == 'timm':  # What timm cannot mirror fails before compiling.
+    fields = model_fields(model, fv.precision)
+    if fv.compare:  # What timm cannot mirror fails before compiling.
       bench_timm.timm_kwargs(fields, shape, num_classes)
     tome_fields = bench_tome.variants(  # Unset: the model's own tome_r.
         fields, fv.tome_r if fv['tome_r'].present else None, shape[0])
@@ -228,10 +234,11 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
           bench_quantized.build_int8_step(config, fv.quantized, batch))
     jax_run(max(fv.warmup, 1))  # Our peak memory, before torch exists.
     rss = bench_timing.peak_rss_mb()
-    if fv.compare == 'timm':
-      runs['timm'], timm_facts = bench_timm.build_timm_step(
-          fields, fv.mode, batch, shape, num_classes, config, fv.dtype)
-      extra.update(timm_facts)
+    for peer in fv.compare:  # timm, then timm_compile: [ours, peers] rounds.
+      runs[peer], peer_facts = bench_timm.build_timm_step(
+          fields, fv.mode, batch, shape, num_classes, config, fv.precision,
+          compiled=peer == 'timm_compile')
+      extra.update(peer_facts)
     times = bench_timing.time_rounds(runs, steps_per_run=fv.steps,
                                      repeats=fv.repeats, warmup=fv.warmup)
 
@@ -239,7 +246,8 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
       'model': (fields.name if fv.quantized or fv.model not in FROM_CONFIG
                 else fv.model),
       'mode': mode, 'batch': batch, 'image_size': shape[0],
-      'channels': shape[2], 'num_classes': num_classes, 'dtype': fv.dtype,
+      'channels': shape[2], 'num_classes': num_classes,
+      'precision': fv.precision,
       'steps': fv.steps, 'repeats': fv.repeats, 'warmup': fv.warmup,
       'tome_r': fields.get('tome_r', 0),
       'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
@@ -253,11 +261,11 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
   if device_peak is not None:
     result['device_peak_mb'] = device_peak / 2**20
   result.update(extra)
-  if 'timm' in times:
-    result.update(bench_timing.summarize(times['timm'], batch, prefix='timm_'))
-    ratios = [t / j for j, t in zip(times['jax'], times['timm'])]
-    result['ratio_vs_timm_runs'] = ratios
-    result['ratio_vs_timm'] = statistics.median(ratios)
+  for peer in fv.compare:
+    result.update(bench_timing.summarize(times[peer], batch, prefix=f'{peer}_'))
+    ratios = [t / j for j, t in zip(times['jax'], times[peer])]
+    result[f'ratio_vs_{peer}_runs'] = ratios
+    result[f'ratio_vs_{peer}'] = statistics.median(ratios)
   result.update(bench_timing.variant_report(times, variant_facts, batch))
   if fv.quantized:
     result[bench_quantized.NAME].update(
@@ -276,14 +284,17 @@ def format_result(r: dict[str, Any]) -> str:
   mfu = f"{100 * r['mfu']:.1f}%" if r.get('mfu') is not None else 'n/a'
   lines = [
       f"{r['model']} {r['mode']} batch {r['batch']} at {r['image_size']}px "
-      f"({r['dtype']}, {r['num_devices']} {r['backend']} device(s), {r['cpu']})",
+      f"({r['precision']}, {r['num_devices']} {r['backend']} device(s), {r['cpu']})",
       f"  ours: {r['img_per_sec']:.1f} img/s, {r['step_ms']:.1f} ms/step, "
       f"compile {r['compile_s']:.1f}s, MFU {mfu}, peak RSS {r['peak_rss_mb']:.0f} MB"]
-  if 'timm_img_per_sec' in r:
-    lines.append(f"  timm: {r['timm_img_per_sec']:.1f} img/s, "
-                 f"{r['timm_step_ms']:.1f} ms/step ({r['torch_threads']} torch "
-                 f"threads); ours/timm {r['ratio_vs_timm']:.2f}x (median of "
-                 f"{len(r['ratio_vs_timm_runs'])} interleaved rounds)")
+  for peer in ('timm', 'timm_compile'):
+    if f'{peer}_img_per_sec' in r:
+      lines.append(
+          f"  {peer}: {r[f'{peer}_img_per_sec']:.1f} img/s, "
+          f"{r[f'{peer}_step_ms']:.1f} ms/step ({r['timm_precision']}, "
+          f"{r['torch_threads']} torch threads); ours/{peer} "
+          f"{r[f'ratio_vs_{peer}']:.2f}x (median of "
+          f"{len(r[f'ratio_vs_{peer}_runs'])} interleaved rounds)")
   lines += bench_tome.format_lines(r) + bench_quantized.format_lines(r)
   if 'pipeline_img_per_sec' in r:
     lines.append(f"  input pipeline ({r['pipeline_dataset']}): "
