@@ -6,9 +6,9 @@ recipe changes, and returns a locked ConfigDict: an unknown key (a typo such as
 
 Layout: the run-level keys every config has are top-level (`dataset`,
 `batch_size`, `total_steps` / `total_epochs`, `log_every`, `eval_every`,
-`checkpoint_every`, `seed`, `pretrained_path`); everything else sits in a
-section named for the code that reads it (`optim` for vit_jax/optim.py,
-`input` and `pp` for vit_jax/data, ...). docs/configs.md lists every key;
+`checkpoint_every`, `seed`, `pretrained_path`, `xla_auto_flags`); everything
+else sits in a section named for the code that reads it (`optim` for
+vit_jax/optim.py, `input` and `pp` for vit_jax/data, ...). docs/configs.md lists every key;
 keys of the earlier flat layout are refused with their new name
 (vit_jax/config_keys.py).
 
@@ -204,6 +204,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sharding = ml_collections.ConfigDict()
   config.sharding.rules = FieldReference('replicate', field_type=object)
   config.sharding.fsdp_min_size = 2**18  # fsdp leaves smaller arrays replicated.
+  # XLA CPU flags that speed up `model.precision` (vit_jax/xla_flags.py), added
+  # at start-up where this jaxlib knows them; XLA_FLAGS's own value of a flag
+  # wins. False (or env VIT_JAX_XLA_AUTO_FLAGS=0): none. docs/launch.md.
+  config.xla_auto_flags = True
 
   # ------------------------------------------------------------ checkpoints, metrics
   config.checkpoint = ml_collections.ConfigDict()

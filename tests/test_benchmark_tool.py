@@ -54,6 +54,8 @@ def test_reports_every_field(mode, tmp_path):
   assert (result['mode'], result['batch'], result['num_devices']) == (mode, 8, 8)
   assert len(result['img_per_sec_runs']) == 2
   assert result['params'] == 18_602  # ViT-test_4, 1 channel, 10 classes.
+  assert result['precision'] == 'float32'
+  assert isinstance(result['xla_auto_flags'], list)
   # Training costs about 3x the forward pass; the tiny model's forward is
   # dominated by its matmuls, so the cost analysis lands near the analytic count.
   forward = 8 * flops.vit_forward_flops(
@@ -90,6 +92,8 @@ def test_quickstart_model_takes_its_config_shape():
     (['--sweep=mixers', '--sweep_tokens=64,100,120'], '120 is not a square'),
     (['--sweep=mixers', '--sweep_sizes=230'], 'not divisible by the patch'),
     (['--sweep=mixers', '--sweep_mixers=softmax,mamba'], "['mamba'] not in"),
+    (['--dtype=bfloat16'], '--dtype was replaced by --precision'),
+    (['--compare=timm,pytorch'], "unknown peer(s) ['pytorch']"),
 ])
 def test_bad_flags_fail_before_compiling(args, message, capsys):
   code = cli.run(benchmark.define_flags, benchmark.main,
@@ -108,6 +112,12 @@ def test_compare_without_timm_says_what_to_install(monkeypatch, capsys):
   assert 'requirements-bench.txt' in capsys.readouterr().err
 
 
+def test_mixed_precision_is_timed_and_recorded(tmp_path):
+  result = _run(TINY + ['--mode=train', '--precision=mixed_bf16'], tmp_path)
+  _assert_positive(result, FIELDS)
+  assert result['precision'] == 'mixed_bf16'
+
+
 @pytest.mark.skipif(not HAS_TIMM, reason='needs requirements-bench.txt')
 def test_compare_timm_on_the_same_shape(tmp_path):
   # A subprocess keeps torch out of the test worker.
@@ -121,6 +131,22 @@ def test_compare_timm_on_the_same_shape(tmp_path):
   assert result['timm_params'] == result['params']  # The same model shape.
   assert 'patch_size=(4, 4), embed_dim=32, depth=2' in result['timm_model']
   assert len(result['ratio_vs_timm_runs']) == 2
+  assert result['timm_precision'] == 'float32'
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason='needs requirements-bench.txt')
+def test_compare_timm_eager_and_compiled_under_autocast(tmp_path):
+  out = tmp_path / 'timm.json'
+  subprocess.run([sys.executable, '-m', 'vit_jax.tools.benchmark', *TINY,
+                  '--mode=infer', '--precision=mixed_bf16',
+                  '--compare=timm,timm_compile', f'--json={out}'],
+                 cwd=ROOT, check=True)
+  result = json.loads(out.read_text())
+  _assert_positive(result, FIELDS + (
+      'timm_img_per_sec', 'ratio_vs_timm', 'timm_compile_img_per_sec',
+      'timm_compile_step_ms', 'ratio_vs_timm_compile', 'timm_compile_s'))
+  assert result['timm_precision'] == 'autocast_bf16'
+  assert result['precision'] == 'mixed_bf16'
 
 
 @pytest.fixture(scope='module')

@@ -63,6 +63,7 @@ from vit_jax import models
 from vit_jax import parallel
 from vit_jax import run_setup
 from vit_jax import steps
+from vit_jax import xla_flags
 from vit_jax.models import precision
 from vit_jax.tools import bench_flags
 from vit_jax.tools import bench_mixers
@@ -247,7 +248,7 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
                 else fv.model),
       'mode': mode, 'batch': batch, 'image_size': shape[0],
       'channels': shape[2], 'num_classes': num_classes,
-      'precision': fv.precision,
+      'precision': fv.precision, 'xla_auto_flags': xla_flags.applied(),
       'steps': fv.steps, 'repeats': fv.repeats, 'warmup': fv.warmup,
       'tome_r': fields.get('tome_r', 0),
       'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
@@ -305,6 +306,8 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv  # cli.run applied the config's CPU device split, as train.py does.
+  # The XLA flags of the timed policy (cli.run applied --config's model's).
+  xla_flags.apply(fv.precision, fv.config.get(xla_flags.CONFIG_KEY, True))
   for flag in ('json', 'sweep_json', 'sweep_plot'):  # Before minutes of timing.
     if fv[flag].value:
       cli.check_output_path(fv[flag].value, flag)
