@@ -19,9 +19,11 @@ from vit_jax.models.precision import get_policy
 # Implementations of the softmax(q k^T / sqrt(d)) v product:
 #   'xla'   : explicit einsum + softmax in float32; sows the attention
 #             probabilities (`intermediates/.../attention_weights`).
-#   'fused' : jax.nn.dot_product_attention, which picks a fused kernel where the
-#             backend has one (cuDNN flash attention on GPU for bf16/fp16) and
-#             XLA's own composition elsewhere (CPU, TPU, float32 on GPU);
+#   'fused' : jax.nn.dot_product_attention: cuDNN's fused flash attention on
+#             GPU when the policy's products are bf16 (mixed_bf16, bfloat16) and
+#             no ToMe bias is added (asked for by name: jax's default is XLA's
+#             composition everywhere), XLA's own composition elsewhere (CPU,
+#             TPU, float32 on GPU);
 #             on CPU that composition is slower than 'xla' (docs/benchmarks.md),
 #             so keep 'xla' there.
 #             Same params and, in float32, the same numbers to ~1e-6; in bf16 a
@@ -120,9 +122,12 @@ class MultiHeadDotProductAttention(nn.Module):
     elif self.impl == 'fused' and not use_dropout:
       # Its logits are float32 whatever the inputs: the bias stays float32.
       # Products in the policy's dtype (bf16 is what cuDNN's fused kernel takes).
+      cudnn = (jax.default_backend() == 'gpu' and bias is None
+               and policy.product_dtype == jnp.bfloat16)
       out = jax.nn.dot_product_attention(
           *(x.astype(policy.product_dtype) for x in (query, key, value)),
-          bias=bias).astype(policy.activation_dtype)
+          bias=bias, implementation='cudnn' if cudnn else None,
+      ).astype(policy.activation_dtype)
     else:
       # Heads-major copies first: XLA's CPU dot emitter is several times slower
       # on the batched products when the head axis sits between tokens and
