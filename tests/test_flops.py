@@ -125,3 +125,16 @@ def test_peak_flops():
   cpu = flops.peak_flops_per_device(jax.devices('cpu')[0])
   assert 1e8 < cpu < 1e14
   assert flops.peak_flops_per_device(jax.devices('cpu')[0]) == cpu  # Cached.
+
+
+def test_cpu_peak_is_measured_in_the_policys_product_dtype(monkeypatch):
+  measured = []
+  monkeypatch.setattr(flops, '_measured_cpu_flops',
+                      lambda dtype: measured.append(dtype) or 1e12)
+  cpu = jax.devices('cpu')[0]
+  flops.peak_flops_per_device(cpu)
+  flops.peak_flops_per_device(cpu, product_dtype=jax.numpy.bfloat16)
+  assert measured == ['float32', 'bfloat16']
+  # A GPU's datasheet bf16 peak serves every policy.
+  gpu = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA A100-SXM4-80GB')
+  assert flops.peak_flops_per_device(gpu, product_dtype='bfloat16') == 312e12

@@ -215,10 +215,12 @@ _PEAK_FLOPS = (
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
-  """Best-of-`repeats` FLOP/s of a jitted float32 [n, n] @ [n, n] on this CPU."""
-  x = jnp.ones((n, n), jnp.float32)
-  matmul = jax.jit(lambda a, b: a @ b)
+def _measured_cpu_flops(product_dtype: str = 'float32', n: int = 1024,
+                        repeats: int = 5) -> float:
+  """Best-of-`repeats` FLOP/s of a jitted [n, n] @ [n, n] on this CPU, inputs in
+  `product_dtype`, accumulated in float32."""
+  x = jnp.ones((n, n), product_dtype)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   matmul(x, x).block_until_ready()  # Compile and warm up.
   best = math.inf
   for _ in range(repeats):
@@ -228,21 +230,24 @@ def _measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / best
 
 
-def peak_flops_per_device(device: Any = None,
-                          override: float | None = None) -> float | None:
+def peak_flops_per_device(device: Any = None, override: float | None = None,
+                          product_dtype: str = 'float32') -> float | None:
   """Peak FLOP/s of one device, the denominator of MFU.
 
   `override` (config.metrics.peak_flops) wins. TPUs and common NVIDIA GPUs use their
   datasheet dense bfloat16 peak. On CPU there is no datasheet number, so MFU is
   against a measured peak: the best time of a jitted float32 1024x1024 matmul,
   measured once per process and shared among the process's CPU devices (they run
-  on the same cores). Unknown accelerators return None (MFU is then not logged).
+  on the same cores); with `product_dtype='bfloat16'` (the bf16 precision
+  policies) the same matmul on bf16 inputs, whose peak is several times higher
+  on CPUs with AMX or AVX512-BF16. Unknown accelerators return None (MFU is then not logged).
   """
   if override:
     return float(override)
   device = device or jax.devices()[0]
   if device.platform == 'cpu':
-    return _measured_cpu_flops() / max(len(jax.local_devices(backend='cpu')), 1)
+    return (_measured_cpu_flops(jnp.dtype(product_dtype).name)
+            / max(len(jax.local_devices(backend='cpu')), 1))
   kind = device.device_kind.lower()
   for pattern, peak in _PEAK_FLOPS:
     if re.search(pattern, kind):

@@ -27,6 +27,7 @@ from vit_jax import refusals
 from vit_jax import run_setup
 from vit_jax import steps
 from vit_jax import workdir as workdir_lib
+from vit_jax.models.precision import get_policy
 from vit_jax.checkpoint import best
 from vit_jax.checkpoint import orbax_state
 
@@ -152,7 +153,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   timer = metrics.StepTimer(
       config.batch_size, flops_per_step=step_flops, num_devices=mesh.devices.size,
       peak_flops_per_device=flops.peak_flops_per_device(
-          jax.devices()[0], override=config.metrics.peak_flops))
+          jax.devices()[0], override=config.metrics.peak_flops,
+          product_dtype=get_policy(config.model.get('precision') or 'float32'
+                                   ).product_dtype))
   train_iter = data.train_iterator(
       config, local_batch_size=parallel.local_batch_size(config.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count(),

@@ -14,6 +14,7 @@ import numpy as np
 
 from vit_jax import flops
 from vit_jax import parallel
+from vit_jax.models import precision
 
 # run(n): at least n steps, returns when they have finished, and how many ran.
 Run = Callable[[int], int]
@@ -91,10 +92,12 @@ def summarize(seconds: list[float], batch: int, prefix: str = '') -> dict[str, A
           f'{prefix}img_per_sec_runs': [batch / s for s in seconds]}
 
 
-def efficiency(step_flops: float | None, step_s: float, num_devices: int
-               ) -> dict[str, Any]:
-  """flops_per_sec and mfu (None where cost analysis or the peak is unknown)."""
-  peak = flops.peak_flops_per_device(jax.devices()[0])
+def efficiency(step_flops: float | None, step_s: float, num_devices: int,
+               precision_name: str = 'float32') -> dict[str, Any]:
+  """flops_per_sec and mfu (None where cost analysis or the peak is unknown);
+  on CPU the peak is the measured matmul of the policy's product dtype."""
+  product = precision.get_policy(precision_name).product_dtype
+  peak = flops.peak_flops_per_device(jax.devices()[0], product_dtype=product)
   if not step_flops:
     return {'flops_per_step': None, 'flops_per_sec': None, 'mfu': None,
             'peak_flops_per_device': peak}

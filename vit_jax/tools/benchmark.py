@@ -257,7 +257,8 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
       'peak_rss_mb': rss}
   result.update(bench_timing.summarize(times['jax'], batch))
   result.update(bench_timing.efficiency(
-      facts['flops_per_step'], result['step_ms'] / 1e3, facts['num_devices']))
+      facts['flops_per_step'], result['step_ms'] / 1e3, facts['num_devices'],
+      fv.precision))
   device_peak = bench_timing.device_peak_memory()
   if device_peak is not None:
     result['device_peak_mb'] = device_peak / 2**20

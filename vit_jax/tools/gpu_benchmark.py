@@ -188,7 +188,7 @@ def time_row(fv: flags.FlagValues, build: Callable[[str], steps_lib.Step],
   row.update(bench_timing.summarize(times['jax'], fv.batch))
   row.update(bench_timing.efficiency(step.facts['flops_per_step'],
                                      row['step_ms'] / 1e3,
-                                     step.facts['num_devices']))
+                                     step.facts['num_devices'], fv.precision))
   peak = bench_timing.device_peak_memory()
   row['device_peak_mb'] = None if peak is None else peak / 2**20
   if timm_step:
