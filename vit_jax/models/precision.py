@@ -22,6 +22,7 @@ loads and resumes under another.
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -57,15 +58,12 @@ class Policy:
   def matmul(self, a: jax.Array, b: jax.Array) -> jax.Array:
     """[..., m, k] x [..., k, n] -> [..., m, n], leading axes batched (equal
     ranks) or `b` a [k, n] matrix; in the policy's product dtype."""
+    batch = tuple(range(b.ndim - 2))  # None for a [k, n] matrix.
+    dims = (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch))
     if self.mixed:
-      if b.ndim == 2:
-        return _flat_matmul(a, b)
-      return _mixed_matmul(a, b)
-    if b.ndim == 2:
-      # lax.dot_general looked up at call time: int8 quantization intercepts it.
-      return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
-    batch = tuple(range(a.ndim - 2))
-    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)))
+      return mixed_dot_general(a, b, dims) if b.ndim == 2 else _mixed_matmul(a, b)
+    # lax.dot_general looked up at call time: int8 quantization intercepts it.
+    return jax.lax.dot_general(a, b, dims)
 
 
 _POLICIES = {
@@ -172,12 +170,6 @@ def _swap_last_two(x: jax.Array) -> jax.Array:
 _mixed_matmul_vjp.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
-def _flat_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """[..., k] x [k, n] as one [m, k] x [k, n] mixed product."""
-  out = _mixed_matmul(a.reshape(-1, a.shape[-1]), b)
-  return out.reshape(a.shape[:-1] + b.shape[-1:])
-
-
 def mixed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
                       precision: Any = None, preferred_element_type: Any = None
                       ) -> jax.Array:
@@ -194,9 +186,7 @@ def mixed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
   n = len(lhs_contract)
   if (not lhs_batch and tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
       and tuple(rhs_contract) == tuple(range(n))):
-    k = 1
-    for size in lhs.shape[lhs.ndim - n:]:
-      k *= size
+    k = math.prod(lhs.shape[lhs.ndim - n:])
     out = _mixed_matmul(lhs.reshape(-1, k), rhs.reshape(k, -1))
     return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
   return jax.lax.dot_general(lhs.astype(_BF16), rhs.astype(_BF16),
