@@ -78,7 +78,7 @@ def build_int8_step(config: ml_collections.ConfigDict, path: str, batch: int
   data = bench_timing.random_batch(batch, shape, trained.num_classes, mesh)
   params = jax.device_put(trained.params, parallel.replicated(mesh))
   start = time.perf_counter()
-  lowered, run = bench_timing.compile_forward(trained.model, params, data, mesh)
+  lowered, _, run = bench_timing.compile_forward(trained.model, params, data, mesh)
   compile_s = time.perf_counter() - start
   print(f'compiled the int8 infer step in {compile_s:.1f}s', file=sys.stderr,
         flush=True)

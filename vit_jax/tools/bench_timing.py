@@ -31,9 +31,10 @@ def random_batch(batch: int, shape: tuple[int, ...], num_classes: int,
 
 
 def compile_forward(model: Any, params: Any, data: dict[str, jax.Array],
-                    mesh: jax.sharding.Mesh) -> tuple[Any, Run]:
+                    mesh: jax.sharding.Mesh
+                    ) -> tuple[jax.stages.Lowered, jax.stages.Compiled, Run]:
   """`model.apply(train=False)` jitted on `mesh` (params replicated, the batch
-  split), lowered and AOT-compiled: (lowered, run(n) of n forwards)."""
+  split), lowered and AOT-compiled: (lowered, compiled, run(n) of n forwards)."""
   replicated = parallel.replicated(mesh)
   forward = lambda p, b: model.apply({'params': p}, b['image'], train=False)
   lowered = jax.jit(forward, in_shardings=(replicated,
@@ -48,7 +49,7 @@ def compile_forward(model: Any, params: Any, data: dict[str, jax.Array],
     jax.block_until_ready(out)
     return n
 
-  return lowered, run
+  return lowered, compiled, run
 
 
 def time_rounds(runs: dict[str, Run], *, steps_per_run: int, repeats: int,

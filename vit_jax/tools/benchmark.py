@@ -142,10 +142,10 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
                    num_classes: int) -> tuple[Run, dict[str, Any]]:
   """Compiles our train (or forward) step; returns run(n) and its facts.
 
-  Facts: compile_s, flops_per_step (global, from the lowered program) and
-  num_devices. The train step is the trainer's: run_setup.build's model,
-  optimizer and state shardings for the config, steps.jit_train_step,
-  AOT-compiled.
+  Facts: compile_s, flops_per_step (global, from the lowered program),
+  num_devices, params and `compiled`, the executable (not for the JSON). The
+  train step is the trainer's: run_setup.build's model, optimizer and state
+  shardings for the config, steps.jit_train_step, AOT-compiled.
   """
   config = _bench_config(config, model_fields_, batch, shape)
   mesh = parallel.make_mesh(data=config.mesh.data, model=config.mesh.model)
@@ -173,7 +173,8 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
     params = jax.jit(lambda: model.init(
         jax.random.key(config.seed), jnp.zeros((1,) + shape), train=False
     )['params'], out_shardings=replicated)()
-    lowered, run = bench_timing.compile_forward(model, params, data, mesh)
+    lowered, compiled, run = bench_timing.compile_forward(model, params, data,
+                                                          mesh)
   compile_s = time.perf_counter() - start
   print(f'compiled our {mode} step in {compile_s:.1f}s', file=sys.stderr, flush=True)
 
@@ -183,7 +184,8 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
       if mode == 'train' else flops.step_flops(lowered))
   return run, {'compile_s': compile_s, 'flops_per_step': step_flops,
                'num_devices': mesh.devices.size,
-               'params': sum(x.size for x in jax.tree.leaves(tree))}
+               'params': sum(x.size for x in jax.tree.leaves(tree)),
+               'compiled': compiled}
 
 
 # --------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ step; it is built after ours, so it gets what our step leaves.
 import copy
 import dataclasses
 import gc
-import inspect
 import sys
 import traceback
 from typing import Any, Callable
@@ -72,19 +71,6 @@ def memory_limit(override: int | None = None) -> tuple[int | None, str]:
 def bytes_in_use() -> int:
   """What device 0 holds now (0 where the backend does not say)."""
   return (jax.devices()[0].memory_stats() or {}).get('bytes_in_use', 0)
-
-
-def compiled_of(run: Callable[[int], int]) -> jax.stages.Compiled:
-  """The executable behind benchmark.build_jax_step's train-step `run`.
-
-  build_jax_step returns run(n) and facts, not the executable; run holds it
-  in its closure, which is where the memory analysis is read from.
-  """
-  compiled = inspect.getclosurevars(run).nonlocals.get('compiled')
-  if not isinstance(compiled, jax.stages.Compiled):
-    raise TypeError('benchmark.build_jax_step no longer keeps its executable '
-                    "in run's closure as `compiled`; read it where it is now")
-  return compiled
 
 
 def program_bytes(compiled: jax.stages.Compiled) -> int | None:
@@ -158,7 +144,7 @@ def our_builder(config: ml_collections.ConfigDict, fields: Any, batch: int,
     held = bytes_in_use()  # The build allocates the state: counted below.
     run, facts = benchmark.build_jax_step(config, variant, 'train', batch,
                                           shape, num_classes)
-    compiled = compiled_of(run)
+    compiled = facts.pop('compiled')
     need = program_bytes(compiled)
     facts['attention_kernel'] = (
         'cudnn' if CUDNN_ATTENTION in (compiled.as_text() or '') else 'xla')
