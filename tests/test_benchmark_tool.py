@@ -94,6 +94,7 @@ def test_quickstart_model_takes_its_config_shape():
     (['--sweep=mixers', '--sweep_mixers=softmax,mamba'], "['mamba'] not in"),
     (['--dtype=bfloat16'], '--dtype was replaced by --precision'),
     (['--compare=timm,pytorch'], "unknown peer(s) ['pytorch']"),
+    (['--sweep=mixers', '--profile_dots'], '--profile_dots profiles one step'),
 ])
 def test_bad_flags_fail_before_compiling(args, message, capsys):
   code = cli.run(benchmark.define_flags, benchmark.main,

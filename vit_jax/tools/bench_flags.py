@@ -56,6 +56,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_list('tome_r', '0', 'Token merging: tokens merged per block '
                     '(model.tome_r); several time a model each, interleaved.',
                     flag_values=fv)
+  flags.DEFINE_bool('profile_dots', False, 'After timing, profile our step: '
+                    'each matrix product in the step against itself alone, '
+                    'and the glue by kind (bench_dots.py).', flag_values=fv)
   # The token-mixer sweep of vit_jax/tools/bench_mixers.py (its docstring).
   flags.DEFINE_string('quantized', None, 'An int8 file (tools.quantize): time '
                       'its model in int8 and in float32, interleaved '
@@ -117,6 +120,9 @@ def check_flags(fv: flags.FlagValues) -> None:
                      '--compare without it.')
   bench_tome.parse_flag(fv.tome_r, compare=fv.compare, pipeline=fv.pipeline)
   bench_quantized.check_flags(fv)
+  if fv.profile_dots and fv.sweep:
+    raise ValueError('--profile_dots profiles one step; the sweep times many '
+                     'in their own processes: drop one of them.')
   if fv.pipeline and fv.mode != 'train':
     raise ValueError('--pipeline compares the input with the train step; '
                      'drop --mode=infer.')

@@ -12,6 +12,8 @@
         --sweep_plot=mixers.png                # bench_mixers.py: token mixers
     python -m vit_jax.tools.benchmark --model=ViT-S_16 --mode=infer \\
         --tome_r=0,8,16                        # token merging, interleaved
+    python -m vit_jax.tools.benchmark --model=ViT-S_16 --precision=mixed_bf16 \\
+        --profile_dots                 # each product's rate in the step vs alone
 
 The train step timed is the trainer's own (steps.make_train_step with the
 --config's optimizer, default configs/quickstart.py = AdamW + clipping, jitted
@@ -38,6 +40,8 @@ sets the model's token merging (ToMe, vit_jax/models/tome.py); several values
 time one model each, interleaved (bench_tome.py: `tome_r=R`, `speedup`).
 `--quantized=F.npz` times an int8 file's model in int8 and in float32,
 interleaved (inference; bench_quantized.py: `int8`, `speedup`, its size).
+`--profile_dots`, after the timing, profiles our step and times each of its
+matrix products alone (bench_dots.py: `profile_dots`).
 
 FLOPs are XLA's cost analysis of the lowered step (global batch); MFU is
 against flops.peak_flops_per_device (datasheet bf16 on GPU/TPU, a measured
@@ -65,6 +69,7 @@ from vit_jax import run_setup
 from vit_jax import steps
 from vit_jax import xla_flags
 from vit_jax.models import precision
+from vit_jax.tools import bench_dots
 from vit_jax.tools import bench_flags
 from vit_jax.tools import bench_mixers
 from vit_jax.tools import bench_quantized
@@ -244,6 +249,9 @@ def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
       extra.update(peer_facts)
     times = bench_timing.time_rounds(runs, steps_per_run=fv.steps,
                                      repeats=fv.repeats, warmup=fv.warmup)
+    if fv.profile_dots:  # After the timed rounds, which it would slow down.
+      extra['profile_dots'] = bench_dots.report(
+          facts['compiled'], jax_run, 1e3 * statistics.median(times['jax']))
 
   result = {
       'model': (fields.name if fv.quantized or fv.model not in FROM_CONFIG
@@ -299,7 +307,8 @@ def format_result(r: dict[str, Any]) -> str:
           f"{r['torch_threads']} torch threads); ours/{peer} "
           f"{r[f'ratio_vs_{peer}']:.2f}x (median of "
           f"{len(r[f'ratio_vs_{peer}_runs'])} interleaved rounds)")
-  lines += bench_tome.format_lines(r) + bench_quantized.format_lines(r)
+  lines += (bench_tome.format_lines(r) + bench_quantized.format_lines(r) +
+            bench_dots.format_lines(r))
   if 'pipeline_img_per_sec' in r:
     lines.append(f"  input pipeline ({r['pipeline_dataset']}): "
                  f"{r['pipeline_img_per_sec']:.0f} img/s = "
@@ -315,6 +324,7 @@ def main(fv: flags.FlagValues, argv: list[str]) -> None:
     if fv[flag].value:
       cli.check_output_path(fv[flag].value, flag)
   if fv.sweep:  # Many points, each in its own process.
+    bench_flags.check_flags(fv)
     bench_mixers.main(fv)
     return
   result = benchmark(fv)
