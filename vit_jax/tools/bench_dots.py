@@ -75,10 +75,11 @@ class Dot:
 
   @property
   def flops(self) -> int:
-    contract = math.prod(self.lhs.shape[d] for d in self.lhs_contract)
+    # The lhs holds the batch, its free and the contracted axes; the rhs adds
+    # its free ones.
     free_rhs = math.prod(s for d, s in enumerate(self.rhs.shape)
                          if d not in self.rhs_contract + self.rhs_batch)
-    return 2 * math.prod(self.lhs.shape) * free_rhs // max(contract, 1) * contract
+    return 2 * math.prod(self.lhs.shape) * free_rhs
 
   def text(self) -> str:
     return (f'{self.lhs.text()} x {self.rhs.text()} '
@@ -271,24 +272,19 @@ def time_alone(dot: Dot, min_seconds: float = 0.05, repeats: int = 5) -> float:
       jnp.transpose(a, lhs_perm), jnp.transpose(b, rhs_perm), dims,
       preferred_element_type=out))
   lhs, rhs = jax.device_put(lhs), jax.device_put(rhs)
-  product(lhs, rhs).block_until_ready()
+
+  def seconds(calls: int) -> float:  # Of `calls` calls back to back.
+    start = time.perf_counter()
+    for _ in range(calls):
+      result = product(lhs, rhs)
+    result.block_until_ready()
+    return time.perf_counter() - start
+
+  seconds(1)  # Compile and warm up.
   calls = 1
-  while True:
-    start = time.perf_counter()
-    for _ in range(calls):
-      result = product(lhs, rhs)
-    result.block_until_ready()
-    if time.perf_counter() - start >= min_seconds or calls >= 1 << 12:
-      break
+  while seconds(calls) < min_seconds and calls < 1 << 12:
     calls *= 2
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(calls):
-      result = product(lhs, rhs)
-    result.block_until_ready()
-    best = min(best, (time.perf_counter() - start) / calls)
-  return best
+  return min(seconds(calls) for _ in range(repeats)) / calls
 
 
 def _kind(op_name: str, kinds: dict[str, str]) -> str:

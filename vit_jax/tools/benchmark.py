@@ -197,8 +197,7 @@ def build_jax_step(config: ml_collections.ConfigDict, model_fields_: Any,
 # The tool.
 # --------------------------------------------------------------------------------
 def benchmark(fv: flags.FlagValues) -> dict[str, Any]:
-  """Builds, times and reports what the flags ask for."""
-  bench_flags.check_flags(fv)
+  """Builds, times and reports what the flags ask for (main checked them)."""
   run_setup.check_config(fv.config)
   precision.check_backend(fv.precision, jax.default_backend())
   if fv.compare:
@@ -318,13 +317,13 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv  # cli.run applied the config's CPU device split, as train.py does.
+  bench_flags.check_flags(fv)
   # The XLA flags of the timed policy (cli.run applied --config's model's).
   xla_flags.apply(fv.precision, fv.config.get(xla_flags.CONFIG_KEY, True))
   for flag in ('json', 'sweep_json', 'sweep_plot'):  # Before minutes of timing.
     if fv[flag].value:
       cli.check_output_path(fv[flag].value, flag)
   if fv.sweep:  # Many points, each in its own process.
-    bench_flags.check_flags(fv)
     bench_mixers.main(fv)
     return
   result = benchmark(fv)
