@@ -150,9 +150,13 @@ def test_qat_gradients_flow_and_match_the_int8_model():
   assert norms['embedding/kernel'] > 0 and norms[
       'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'] > 0
   ptq, qparams = quantization.quantize_params(model, params, _settings(), shape)
-  np.testing.assert_allclose(jax.jit(qat.apply)({'params': params}, x),
-                             jax.jit(ptq.apply)({'params': qparams}, x),
-                             rtol=1e-4, atol=1e-4)
+  # Op by op, so that both round x / scale alike. Compiled, XLA may fuse that
+  # division differently in the two programs, which moves a value lying on a
+  # rounding boundary by one int8 step (jaxlib 0.12.1 does so already in the
+  # patch embedding: outputs 0.03 apart; 0.10.2 happened to agree).
+  np.testing.assert_allclose(qat.apply({'params': params}, x),
+                             ptq.apply({'params': qparams}, x),
+                             rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input

@@ -261,6 +261,18 @@ def _assert_one_error_line(err, code, want_code, pattern):
   assert 'Compiled the train step' not in err
 
 
+_BAD_CONFIG_SOURCE = 'def get_config():\n  return dict(a=)\n'
+
+
+def _syntax_message(source: str) -> str:
+  """What this Python's compiler says of the source (each release words it anew)."""
+  try:
+    compile(source, 'bad_config.py', 'exec')
+  except SyntaxError as e:
+    return e.msg
+  raise AssertionError('the source compiles')
+
+
 _EXIT_CASES = {
     # (args, exit code, message); a workdir that does not exist beforehand.
     'misspelt_key': (['--config.batch_sise=8'], 1,
@@ -269,7 +281,8 @@ _EXIT_CASES = {
     'missing_config_file': (['--config=configs/nosuch.py'], 1,
                             r'--config=configs/nosuch.py: no such file'),
     'config_syntax_error': (['--config={syntax}'], 1,
-                            r'config file .*bad_config.py, line 2: invalid syntax'),
+                            r'config file .*bad_config.py, line 2: '
+                            + re.escape(_syntax_message(_BAD_CONFIG_SOURCE))),
     'unknown_flag': (['--nosuchflag'], 2, "usage error: Unknown command line "
                      "flag 'nosuchflag'"),
     'extra_argument': (['extra'], 2, r"usage error: unexpected arguments: "
@@ -287,7 +300,7 @@ _EXIT_CASES = {
 def test_train_py_refuses_in_one_line(case, tmp_path):
   args, want_code, pattern = _EXIT_CASES[case]
   syntax = tmp_path / 'bad_config.py'
-  syntax.write_text('def get_config():\n  return dict(a=)\n')
+  syntax.write_text(_BAD_CONFIG_SOURCE)
   workdir = tmp_path / 'w'
   code, err = _train_py(tmp_path, f'--workdir={workdir}',
                         *[a.format(syntax=syntax) for a in args])
