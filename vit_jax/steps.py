@@ -169,7 +169,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
         grad_fn, state.params, batch, rng, accum_steps)
     if per_device:
       loss, grads = parallel.pmean_if_sharded((loss, grads))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = (ema_update(state.ema_params, params, ema_decay)

@@ -42,7 +42,8 @@ def load_params(path: str, step: int | str | None = None, *,
     if metadata.get(item) is None:
       raise ValueError(f'{manager.directory}/{step} has no {item} (the run '
                        'had config.train.ema_decay = 0)')
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+    host = jax.sharding.make_single_device_sharding(
+        jax.local_devices(backend='cpu')[0])
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
         metadata[item])
