@@ -14,10 +14,15 @@ import sys
 # cores, a train step once wedged with every XLA thread parked on a futex (no
 # CPU used, no timeout fired); single-threaded Eigen ops per device avoid that
 # known XLA CPU pool wedge and oversubscribe the cores less.
+# LLVM at -O0: the suite's tiny models spend far longer compiling than running,
+# and unoptimised machine code halves their compile time. XLA's HLO passes
+# still run (a ViT's optimised HLO is byte-identical), so the programs compute
+# the same thing; train.py and the tools outside the tests keep the default.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8'
                            ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
                            ' --xla_cpu_multi_thread_eigen=false'
+                           ' --xla_backend_optimization_level=0'
                            ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The repo root, so tests can import `configs`.
