@@ -260,7 +260,12 @@ def test_a_damaged_int8_file_is_refused_naming_the_array(int8_file, tmp_path):
 
 
 def test_static_calibration_and_qat_training_end_to_end(tiny_run, tmp_path):
-  # QAT: the trainer's own (fake-quant) eval equals the int8 file's.
+  # QAT: the trainer's own (fake-quant) eval agrees with the int8 file's. Two
+  # compiled programs may round a value on a step boundary apart (the op-by-op
+  # equality is test_qat_gradients_flow_and_match_the_int8_model's), and this
+  # 4-step model's margins are small: over seeds 0-5 they differed by 0-1 of
+  # 500 examples, once by 2 in the suite. 1% (5) still fails a broken int8
+  # path: seed 0's model gets 72-75 of 500 right, chance 50.
   workdir = tmp_path / 'qat'
   config = tiny_config(tiny_run.data_dir, total_steps=4, eval_every=4,
                        checkpoint_every=4, quantization={'qat': True})
@@ -268,8 +273,7 @@ def test_static_calibration_and_qat_training_end_to_end(tiny_run, tmp_path):
   out = tmp_path / 'q.npz'
   assert _run(quantize_tool, f'--workdir={workdir}', f'--out={out}') == 0
   got = evaluate.evaluate_checkpoint(config, str(out))
-  assert abs(got['eval_test_top1'] - final['eval_test_top1']) <= 1 / got[
-      'eval_test_count'] + 1e-9
+  assert abs(got['eval_test_top1'] - final['eval_test_top1']) <= 0.01 + 1e-9
   # Static scales: calibrated on the run's training examples.
   static = tmp_path / 's.npz'
   assert _run(quantize_tool, f'--workdir={workdir}', f'--out={static}',
