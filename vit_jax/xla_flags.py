@@ -32,7 +32,10 @@ from vit_jax.config_checks import ConfigError
 # "XLA CPU flags"); with jaxlib 0.10.2 on the Intel Xeon (AMX) machine none
 # beat the defaults: --xla_cpu_use_onednn=true (float32, bfloat16) and
 # --xla_cpu_experimental_ynn_fusion_type=+dot / +eltwise / +dot,+eltwise,+reduce
-# (mixed_bf16, bfloat16) were equal or slower (+eltwise: 1.2-2.5x slower).
+# (mixed_bf16, bfloat16) were equal or slower (+eltwise: 1.2-2.5x slower);
+# with jaxlib 0.12.1 neither did prefer_vector_width=512, use_onednn, the
+# concurrency-optimized scheduler, tiling propagation, fast math, the new
+# xtile lowering or region-analysis copy insertion (docs/benchmarks.md).
 # A flag measured to help on a newer jaxlib goes here; the probe keeps it
 # from aborting an older one.
 AUTO_FLAGS: dict[str, tuple[str, ...]] = {
